@@ -1,0 +1,125 @@
+"""`modelgate ...`: the command line. Each subcommand parses its flags and hands off."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from modelgate import __version__
+from modelgate.config import ConfigError, load_config
+
+__all__ = ["main"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    from modelgate.server import StartupError, serve, serve_workers
+
+    path = Path(ns.config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        return 1
+    try:
+        if ns.workers > 1:
+            return serve_workers(config, path, ns.workers)
+        return serve(config, path)
+    except StartupError as exc:
+        print(f"modelgate: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_check(ns: argparse.Namespace) -> int:
+    try:
+        config = load_config(ns.file)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(error)
+        return 1
+    experiments = sum(1 for r in config.routes if r.experiment is not None)
+    print(
+        f"{ns.file}: ok ({len(config.routes)} routes, {experiments} experiments, "
+        f"{len(config.upstreams)} upstreams)"
+    )
+    return 0
+
+
+def _cmd_mock(ns: argparse.Namespace) -> int:
+    from modelgate.mock import run_from_args
+
+    return run_from_args(ns)
+
+
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    from modelgate.demo import run_demo
+
+    return run_demo(duration_s=ns.duration, rate=ns.rate, config_path=ns.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from modelgate.mock import configure_parser as configure_mock
+
+    parser = argparse.ArgumentParser(
+        prog="modelgate",
+        description="A traffic router for testing ML models in production.",
+    )
+    parser.add_argument("--version", action="version", version=f"modelgate {__version__}")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True, help="the YAML config file")
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="processes sharing the port with SO_REUSEPORT (default 1)",
+    )
+    serve.set_defaults(func=_cmd_serve)
+
+    check = commands.add_parser("check", help="validate a config file")
+    check.add_argument("file")
+    check.set_defaults(func=_cmd_check)
+
+    mock = commands.add_parser("mock-model", help="a fake model server for tests and demos")
+    configure_mock(mock)
+    mock.set_defaults(func=_cmd_mock)
+
+    demo = commands.add_parser("demo", help="mock models + gateway + traffic, then a summary")
+    demo.add_argument("--duration", type=float, default=5.0, help="seconds of traffic")
+    demo.add_argument("--rate", type=float, default=300.0, help="requests per second")
+    demo.add_argument("--config", default=None, help="a demo config (default: the built-in)")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(
+        level=ns.log_level,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
+        stream=sys.stderr,
+    )
+    code: int = ns.func(ns)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

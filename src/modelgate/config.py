@@ -1,0 +1,411 @@
+"""The YAML config: its schema, its defaults, and validation that names every error's key path.
+
+`load_config(path)` and `parse_config(text)` return a `GatewayConfig` or raise `ConfigError`
+carrying every problem as `routes[0].experiment.variants[1].upstream: unknown upstream 'x'`.
+Nothing here touches the network or the running gateway.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = [
+    "ChaosRule",
+    "CompareSpec",
+    "ConfigError",
+    "ExperimentSpec",
+    "ForceSpec",
+    "GatewayConfig",
+    "LimitsSpec",
+    "RouteSpec",
+    "ShadowSpec",
+    "UpstreamSpec",
+    "VariantSpec",
+    "load_config",
+    "parse_config",
+    "parse_hostport",
+]
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+_UNIT_SOURCE = re.compile(r"^(header|cookie|query|json):(.+)$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+Name = Annotated[str, Field(pattern=_NAME, max_length=128)]
+
+
+class ConfigError(Exception):
+    """Every problem found in a config, each as `key.path: message`."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo ("wieght") must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """`127.0.0.1:8080`, `[::1]:8080` or `localhost:8080` -> (host, port)."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be an integer in [0, 65535], got {port_text!r}")
+    return host, int(port_text)
+
+
+class LimitsSpec(_Strict):
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=0)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    max_connections: int = Field(10_000, ge=1)
+    client_header_timeout_ms: int = Field(10_000, ge=1)
+    client_body_timeout_ms: int = Field(60_000, ge=1)
+    keepalive_timeout_ms: int = Field(75_000, ge=1)
+    drain_timeout_ms: int = Field(30_000, ge=0)
+
+
+class UpstreamSpec(_Strict):
+    url: str
+    timeout_ms: int = Field(30_000, ge=1)
+    connect_timeout_ms: int = Field(2_000, ge=1)
+    max_idle: int = Field(64, ge=0)
+    max_connections: int = Field(1024, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "http":
+            raise ValueError(f"only http:// upstreams are supported, got {value!r}")
+        if not parts.hostname:
+            raise ValueError(f"no host in {value!r}")
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise ValueError(f"bad port in {value!r}") from exc
+        if parts.query or parts.fragment:
+            raise ValueError("an upstream url takes no query or fragment")
+        return value
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 80
+
+    @property
+    def base_path(self) -> str:
+        """A path prefix the gateway prepends to every forwarded path (`/v1` in `.../v1`)."""
+        return urlsplit(self.url).path.rstrip("/")
+
+
+class MatchSpec(_Strict):
+    path_prefix: str = "/"
+    methods: list[str] | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"must start with '/', got {value!r}")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("an empty list matches nothing; omit the key to match every method")
+        upper = [m.upper() for m in value]
+        for method in upper:
+            if not _HEADER_NAME.match(method):
+                raise ValueError(f"not an HTTP method: {method!r}")
+        return upper
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"not a header name: {name!r}")
+        return {name.lower(): v for name, v in value.items()}
+
+
+class VariantSpec(_Strict):
+    name: Name
+    upstream: str | None = None
+    weight: float
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"must be a finite number >= 0, got {value!r}")
+        return value
+
+
+class CanaryCheck(_Strict):
+    metric: str
+    max_increase: float | None = None
+    max_ratio: float | None = None
+    max_value: float | None = None
+
+
+class CanarySpec(_Strict):
+    """Validated now; the controller that acts on it is issue #8's."""
+
+    baseline: str
+    candidate: str
+    steps: list[float] = Field(min_length=1)
+    interval_s: float = Field(60.0, gt=0)
+    min_samples: int = Field(200, ge=1)
+    checks: list[CanaryCheck] | None = None
+
+
+class ExperimentSpec(_Strict):
+    name: Name
+    salt: str | None = None
+    variants: list[VariantSpec] = Field(min_length=1)
+    canary: CanarySpec | None = None
+
+    @property
+    def effective_salt(self) -> str:
+        return self.salt if self.salt is not None else self.name
+
+
+class CompareSpec(_Strict):
+    fields: list[str] | None = None
+    ignore: list[str] = Field(default_factory=list)
+    abs: float = Field(0.0, ge=0)
+    rel: float = Field(0.0, ge=0)
+
+
+class ShadowSpec(_Strict):
+    """Validated now; teeing is issue #5's."""
+
+    upstream: str
+    sample: float = Field(1.0, ge=0, le=1)
+    sample_by: Literal["unit", "request"] = "unit"
+    methods: list[str] | None = None
+    compare: CompareSpec = Field(default_factory=CompareSpec)
+
+
+class ChaosRule(_Strict):
+    """Validated now; injection is issue #6's. Fault keys beyond these are added there."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: Name
+    variant: str | None = None
+    probability: float = Field(1.0, ge=0, le=1)
+
+
+class RouteSpec(_Strict):
+    name: Name
+    match: MatchSpec = Field(default_factory=MatchSpec)
+    unit: list[str] = Field(default_factory=list)
+    unit_fallback: Literal["random", "client_ip", "reject"] = "random"
+    upstream: str | None = None
+    experiment: ExperimentSpec | None = None
+    shadows: list[ShadowSpec] = Field(default_factory=list)
+    chaos: list[ChaosRule] = Field(default_factory=list)
+
+    @field_validator("unit")
+    @classmethod
+    def _unit_sources(cls, value: list[str]) -> list[str]:
+        for source in value:
+            found = _UNIT_SOURCE.match(source)
+            if not found:
+                raise ValueError(
+                    f"unit source {source!r} must be header:NAME, cookie:NAME, query:NAME "
+                    "or json:NAME"
+                )
+            if found.group(1) == "header" and not _HEADER_NAME.match(found.group(2)):
+                raise ValueError(f"not a header name in unit source {source!r}")
+        return value
+
+
+class ForceSpec(_Strict):
+    """QA override of the assignment by a request header; off unless enabled."""
+
+    enabled: bool = False
+    header: str = "x-modelgate-force"
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        if not _HEADER_NAME.match(value):
+            raise ValueError(f"not a header name: {value!r}")
+        return value.lower()
+
+
+class GatewayConfig(_Strict):
+    listen: str = "127.0.0.1:8080"
+    admin: str = "127.0.0.1:8081"
+    log_dir: str = "./modelgate-logs"
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    force: ForceSpec = Field(default_factory=ForceSpec)
+    upstreams: dict[Name, UpstreamSpec] = Field(min_length=1)
+    routes: list[RouteSpec] = Field(min_length=1)
+
+    @field_validator("listen", "admin")
+    @classmethod
+    def _hostport(cls, value: str) -> str:
+        parse_hostport(value)
+        return value
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_hostport(self.listen)
+
+    @property
+    def admin_address(self) -> tuple[str, int]:
+        return parse_hostport(self.admin)
+
+
+def _key_path(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(root)"
+
+
+def _pydantic_errors(exc: ValidationError) -> list[str]:
+    errors = []
+    for err in exc.errors():
+        message = err["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        errors.append(f"{_key_path(err['loc'])}: {message}")
+    return errors
+
+
+def _cross_reference_errors(config: GatewayConfig) -> list[str]:
+    """Checks that span keys: names that must exist, be unique, and weights that must sum."""
+    errors: list[str] = []
+    upstreams = config.upstreams
+    route_names: set[str] = set()
+    experiment_names: set[str] = set()
+    for r_index, route in enumerate(config.routes):
+        where = f"routes[{r_index}]"
+        if route.name in route_names:
+            errors.append(f"{where}.name: duplicate route name {route.name!r}")
+        route_names.add(route.name)
+        if route.upstream is None and route.experiment is None:
+            errors.append(f"{where}: needs an upstream or an experiment")
+        if route.upstream is not None and route.upstream not in upstreams:
+            errors.append(f"{where}.upstream: unknown upstream {route.upstream!r}")
+        if route.experiment is not None:
+            errors.extend(_experiment_errors(config, route, where, experiment_names))
+        for s_index, shadow in enumerate(route.shadows):
+            if shadow.upstream not in upstreams:
+                errors.append(
+                    f"{where}.shadows[{s_index}].upstream: unknown upstream {shadow.upstream!r}"
+                )
+        rule_names: set[str] = set()
+        variant_names = (
+            {v.name for v in route.experiment.variants} if route.experiment is not None else set()
+        )
+        for c_index, rule in enumerate(route.chaos):
+            if rule.name in rule_names:
+                errors.append(f"{where}.chaos[{c_index}].name: duplicate rule {rule.name!r}")
+            rule_names.add(rule.name)
+            if rule.variant is not None and rule.variant not in variant_names:
+                errors.append(f"{where}.chaos[{c_index}].variant: unknown variant {rule.variant!r}")
+    return errors
+
+
+def _experiment_errors(
+    config: GatewayConfig, route: RouteSpec, where: str, experiment_names: set[str]
+) -> list[str]:
+    errors: list[str] = []
+    experiment = route.experiment
+    assert experiment is not None
+    where = f"{where}.experiment"
+    if experiment.name in experiment_names:
+        errors.append(f"{where}.name: duplicate experiment name {experiment.name!r}")
+    experiment_names.add(experiment.name)
+    seen: set[str] = set()
+    for v_index, variant in enumerate(experiment.variants):
+        if variant.name in seen:
+            errors.append(f"{where}.variants[{v_index}].name: duplicate variant {variant.name!r}")
+        seen.add(variant.name)
+        if variant.upstream is None:
+            if route.upstream is None:
+                errors.append(
+                    f"{where}.variants[{v_index}].upstream: required when the route has no "
+                    "upstream of its own"
+                )
+        elif variant.upstream not in config.upstreams:
+            errors.append(
+                f"{where}.variants[{v_index}].upstream: unknown upstream {variant.upstream!r}"
+            )
+    if experiment.variants and sum(v.weight for v in experiment.variants) <= 0:
+        errors.append(f"{where}.variants: weights are all zero; at least one must be > 0")
+    canary = experiment.canary
+    if canary is not None:
+        for key in ("baseline", "candidate"):
+            name = getattr(canary, key)
+            if name not in seen:
+                errors.append(f"{where}.canary.{key}: unknown variant {name!r}")
+        for s_index, step in enumerate(canary.steps):
+            if not 0 <= step <= 100:
+                errors.append(f"{where}.canary.steps[{s_index}]: must be in [0, 100], got {step}")
+    return errors
+
+
+def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
+    """Parses YAML text; raises ConfigError with every problem found."""
+    try:
+        raw: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"(yaml) {where}: {problem}"]) from exc
+    return validate_config(raw)
+
+
+def validate_config(raw: Any) -> GatewayConfig:
+    """Validates an already-parsed document (the admin API's JSON body takes this path)."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"(root): expected a mapping of config keys, got {type(raw).__name__}"])
+    try:
+        config = GatewayConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_errors(exc)) from exc
+    errors = _cross_reference_errors(config)
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Reads and validates a config file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"(file) {path}: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"(file) {path}: not UTF-8 text ({exc.reason})"]) from exc
+    return parse_config(text, source=str(path))

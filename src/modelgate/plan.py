@@ -1,0 +1,201 @@
+"""The compiled, immutable Plan: the one object a request reads.
+
+A reload builds a new Plan beside the old one and swaps one reference; a request keeps the
+Plan it started with. Everything a request needs is precomputed here (bucket tables, header
+bytes), so the request path parses nothing and allocates no per-experiment tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import orjson
+
+from modelgate.config import GatewayConfig, LimitsSpec, RouteSpec, UpstreamSpec
+from modelgate.core import VariantTable
+from modelgate.unit import UnitSource, parse_unit_sources
+
+__all__ = [
+    "CompiledExperiment",
+    "CompiledRoute",
+    "Plan",
+    "UpstreamTarget",
+    "VariantTarget",
+    "compile_plan",
+    "config_digest",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """Where one named upstream lives, and the bytes the proxy sends it for every request."""
+
+    name: str
+    host: str
+    port: int
+    host_header: bytes  # b"host: 127.0.0.1:9001\r\n"
+    base_path: bytes  # prepended to the forwarded path; b"" for none
+    timeout_s: float
+    connect_timeout_s: float
+    max_idle: int
+    max_connections: int
+
+    @property
+    def pool_key(self) -> tuple[str, int, float, int, int]:
+        """Two targets with the same key can share one connection pool across a reload."""
+        return (self.host, self.port, self.connect_timeout_s, self.max_idle, self.max_connections)
+
+
+@dataclass(frozen=True, slots=True)
+class VariantTarget:
+    name: str
+    upstream: str
+    assignment: bytes  # b"ranker=control", the x-modelgate-variant value
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledExperiment:
+    name: str
+    salt: str
+    table: VariantTable
+    variants: tuple[VariantTarget, ...]
+    by_name: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    index: int
+    name: str
+    path_prefix: bytes
+    methods: frozenset[bytes] | None
+    match_headers: tuple[tuple[bytes, bytes], ...]
+    unit_sources: tuple[UnitSource, ...]
+    unit_fallback: str
+    needs_body_for_unit: bool
+    upstream: str | None
+    experiment: CompiledExperiment | None
+    route_header: bytes  # b"x-modelgate-route: predict\r\n"
+    spec: RouteSpec
+
+    def matches(
+        self, method: bytes, path: bytes, headers: Sequence[tuple[bytes, bytes, bytes]]
+    ) -> bool:
+        if not path.startswith(self.path_prefix):
+            return False
+        if self.methods is not None and method not in self.methods:
+            return False
+        for wanted_name, wanted_value in self.match_headers:
+            for lname, _, value in headers:
+                if lname == wanted_name and value == wanted_value:
+                    break
+            else:
+                return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    version: int
+    digest: str
+    config: GatewayConfig
+    routes: tuple[CompiledRoute, ...]
+    upstreams: dict[str, UpstreamTarget]
+    force_header: bytes | None
+    limits: LimitsSpec
+    experiments: dict[str, CompiledExperiment] = field(default_factory=dict)
+
+    def match(
+        self, method: bytes, path: bytes, headers: Sequence[tuple[bytes, bytes, bytes]]
+    ) -> CompiledRoute | None:
+        """First matching route wins, in config order."""
+        for route in self.routes:
+            if route.matches(method, path, headers):
+                return route
+        return None
+
+
+def config_digest(config: GatewayConfig) -> str:
+    """A content hash of the validated config: equal configs give equal digests."""
+    canonical = orjson.dumps(config.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+def _upstream_target(name: str, spec: UpstreamSpec) -> UpstreamTarget:
+    host = spec.host
+    authority = f"[{host}]" if ":" in host else host
+    if spec.port != 80:
+        authority = f"{authority}:{spec.port}"
+    return UpstreamTarget(
+        name=name,
+        host=host,
+        port=spec.port,
+        host_header=b"host: " + authority.encode("idna") + b"\r\n",
+        base_path=spec.base_path.encode("utf-8"),
+        timeout_s=spec.timeout_ms / 1000.0,
+        connect_timeout_s=spec.connect_timeout_ms / 1000.0,
+        max_idle=spec.max_idle,
+        max_connections=spec.max_connections,
+    )
+
+
+def _compile_route(index: int, spec: RouteSpec) -> CompiledRoute:
+    experiment = None
+    if spec.experiment is not None:
+        exp = spec.experiment
+        table = VariantTable([v.weight for v in exp.variants])
+        variants = tuple(
+            VariantTarget(
+                name=v.name,
+                upstream=v.upstream if v.upstream is not None else str(spec.upstream),
+                assignment=f"{exp.name}={v.name}".encode(),
+            )
+            for v in exp.variants
+        )
+        experiment = CompiledExperiment(
+            name=exp.name,
+            salt=exp.effective_salt,
+            table=table,
+            variants=variants,
+            by_name={v.name: i for i, v in enumerate(exp.variants)},
+        )
+    sources = parse_unit_sources(spec.unit)
+    methods = (
+        frozenset(m.encode("ascii") for m in spec.match.methods)
+        if spec.match.methods is not None
+        else None
+    )
+    return CompiledRoute(
+        index=index,
+        name=spec.name,
+        path_prefix=spec.match.path_prefix.encode("utf-8"),
+        methods=methods,
+        match_headers=tuple(
+            (name.encode("latin-1"), value.encode("latin-1"))
+            for name, value in spec.match.headers.items()
+        ),
+        unit_sources=sources,
+        unit_fallback=spec.unit_fallback,
+        needs_body_for_unit=any(s.kind == "json" for s in sources) and experiment is not None,
+        upstream=spec.upstream,
+        experiment=experiment,
+        route_header=b"x-modelgate-route: " + spec.name.encode("ascii") + b"\r\n",
+        spec=spec,
+    )
+
+
+def compile_plan(config: GatewayConfig, version: int = 1) -> Plan:
+    """Builds every table a request will read; the config is already validated."""
+    routes = tuple(_compile_route(i, spec) for i, spec in enumerate(config.routes))
+    experiments = {r.experiment.name: r.experiment for r in routes if r.experiment is not None}
+    return Plan(
+        version=version,
+        digest=config_digest(config),
+        config=config,
+        routes=routes,
+        upstreams={name: _upstream_target(name, spec) for name, spec in config.upstreams.items()},
+        force_header=config.force.header.encode("latin-1") if config.force.enabled else None,
+        limits=config.limits,
+        experiments=experiments,
+    )
