@@ -190,10 +190,33 @@ class ExperimentSpec(_Strict):
 
 
 class CompareSpec(_Strict):
+    """How a shadow's answer is compared with the primary's (see modelgate.diff).
+
+    Every key is a list of RFC 6901 JSON pointers or a tolerance: `fields` restricts the
+    comparison (default: the whole document), `ignore` skips subtrees, numbers compare within
+    `abs` or `rel`, `ranked` lists compare by top-`topk` overlap (>= `min_overlap` agrees), and
+    `argmax` probability vectors compare by their argmax alone.
+    """
+
     fields: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
     abs: float = Field(0.0, ge=0)
     rel: float = Field(0.0, ge=0)
+    ranked: list[str] = Field(default_factory=list)
+    topk: int = Field(5, ge=1)
+    min_overlap: float = Field(1.0, ge=0, le=1)
+    argmax: list[str] = Field(default_factory=list)
+
+    @field_validator("fields", "ignore", "ranked", "argmax")
+    @classmethod
+    def _pointers(cls, value: list[str] | None) -> list[str] | None:
+        # Checked here so a typo ("score" for "/score") fails at load, not silently at compare.
+        for pointer in value or ():
+            if pointer and not pointer.startswith("/"):
+                raise ValueError(f"not a JSON pointer (RFC 6901), missing '/': {pointer!r}")
+            if re.search(r"~(?![01])", pointer):
+                raise ValueError(f"bad escape in JSON pointer (only ~0 and ~1): {pointer!r}")
+        return value
 
 
 class ShadowSpec(_Strict):
