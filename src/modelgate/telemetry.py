@@ -1,30 +1,86 @@
-"""What the gateway counts on the request path: plain integer counters, cheap to bump.
-
-The Prometheus exposition (issue #7) reads these; the request path never formats metrics.
+"""What the gateway counts on the request path: plain integer counters, cheap to bump, kept
+apart by the config version serving when they were counted. Also the log filter that stamps
+every log line with that version. The request path never formats metrics.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["Counters"]
+__all__ = [
+    "OLDER_VERSIONS",
+    "SCALAR_COUNTERS",
+    "CountSlice",
+    "Counters",
+    "VersionLogFilter",
+    "VersionedTally",
+    "merge_exports",
+]
+
+# Counters bumped as plain attributes by the request path (`counters.replays += 1`).
+SCALAR_COUNTERS = (
+    "unit_fallbacks",
+    "replays",
+    "bad_requests",
+    "client_aborts",
+    "client_timeouts",
+    "rejected_connections",
+)
+# Versions kept apart; counts of older ones are folded into one "older" slice so the number
+# of metric series stays bounded however often the config is reloaded.
+MAX_VERSIONS = 16
+OLDER_VERSIONS = "older"
+
+
+@dataclass
+class CountSlice:
+    """What was counted while one config version was serving."""
+
+    responses: Counter[tuple[str, str, int]] = field(default_factory=Counter)
+    upstream_errors: Counter[str] = field(default_factory=Counter)
+    scalars: Counter[str] = field(default_factory=Counter)
+
+    def add(self, other: CountSlice) -> None:
+        self.responses.update(other.responses)
+        self.upstream_errors.update(other.upstream_errors)
+        self.scalars.update(other.scalars)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "responses": [[r, v, s, n] for (r, v, s), n in sorted(self.responses.items())],
+            "upstream_errors": dict(self.upstream_errors),
+            "scalars": dict(self.scalars),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CountSlice:
+        return cls(
+            responses=Counter(
+                {(str(r), str(v), int(s)): int(n) for r, v, s, n in data["responses"]}
+            ),
+            upstream_errors=Counter({str(k): int(n) for k, n in data["upstream_errors"].items()}),
+            scalars=Counter({str(k): int(n) for k, n in data["scalars"].items()}),
+        )
+
+
+def _fold_old(slices: dict[str, CountSlice]) -> None:
+    numbered = sorted((int(label), label) for label in slices if label != OLDER_VERSIONS)
+    for _, label in numbered[: max(0, len(numbered) - MAX_VERSIONS)]:
+        slices.setdefault(OLDER_VERSIONS, CountSlice()).add(slices.pop(label))
 
 
 class Counters:
-    """Per-process counters. Response counts are keyed by (route, variant, status)."""
+    """Per-process counters. Response counts are keyed by (route, variant, status).
 
-    __slots__ = (
-        "responses",
-        "upstream_errors",
-        "unit_fallbacks",
-        "replays",
-        "bad_requests",
-        "client_aborts",
-        "client_timeouts",
-        "rejected_connections",
-    )
+    The request path bumps cumulative counters; a Plan swap calls `begin_version`, which
+    notes where the counts stood, so `export()` can say what each version saw."""
 
-    def __init__(self) -> None:
+    __slots__ = ("responses", "upstream_errors", *SCALAR_COUNTERS, "version", "_base", "_archive")
+
+    def __init__(self, version: int = 1) -> None:
         self.responses: Counter[tuple[str, str, int]] = Counter()
         self.upstream_errors: Counter[str] = Counter()
         self.unit_fallbacks = 0
@@ -33,6 +89,9 @@ class Counters:
         self.client_aborts = 0
         self.client_timeouts = 0
         self.rejected_connections = 0
+        self.version = version
+        self._base = CountSlice()  # the cumulative counts when `version` began
+        self._archive: dict[str, CountSlice] = {}
 
     def count_response(self, route: str, variant: str, status: int) -> None:
         self.responses[(route, variant, status)] += 1
@@ -40,17 +99,97 @@ class Counters:
     def count_upstream_error(self, kind: str) -> None:
         self.upstream_errors[kind] += 1
 
+    def _cumulative(self) -> CountSlice:
+        return CountSlice(
+            responses=self.responses.copy(),
+            upstream_errors=self.upstream_errors.copy(),
+            scalars=Counter({name: getattr(self, name) for name in SCALAR_COUNTERS}),
+        )
+
+    def _since_base(self, now: CountSlice) -> CountSlice:
+        base = self._base
+        # Counter subtraction drops keys that did not grow: a slice holds only what happened.
+        return CountSlice(
+            responses=now.responses - base.responses,
+            upstream_errors=now.upstream_errors - base.upstream_errors,
+            scalars=now.scalars - base.scalars,
+        )
+
+    def begin_version(self, version: int) -> None:
+        """A new Plan is serving: what was counted so far belongs to the previous version."""
+        if version == self.version:
+            return
+        now = self._cumulative()
+        label = str(self.version)
+        self._archive.setdefault(label, CountSlice()).add(self._since_base(now))
+        _fold_old(self._archive)
+        self._base = now
+        self.version = version
+
+    def export(self) -> dict[str, CountSlice]:
+        """Counts by config version label (a version number, or "older")."""
+        out = {label: CountSlice() for label in self._archive}
+        for label, counted in self._archive.items():
+            out[label].add(counted)
+        out.setdefault(str(self.version), CountSlice()).add(self._since_base(self._cumulative()))
+        return out
+
     def snapshot(self) -> dict[str, object]:
         return {
+            "version": self.version,
             "responses": [
                 {"route": r, "variant": v, "status": s, "count": n}
                 for (r, v, s), n in sorted(self.responses.items())
             ],
             "upstream_errors": dict(self.upstream_errors),
-            "unit_fallbacks": self.unit_fallbacks,
-            "replays": self.replays,
-            "bad_requests": self.bad_requests,
-            "client_aborts": self.client_aborts,
-            "client_timeouts": self.client_timeouts,
-            "rejected_connections": self.rejected_connections,
+            **{name: getattr(self, name) for name in SCALAR_COUNTERS},
         }
+
+
+def merge_exports(exports: list[dict[str, CountSlice]]) -> dict[str, CountSlice]:
+    """Sums the exports of several processes (workers share the parent's version numbers)."""
+    total: dict[str, CountSlice] = {}
+    for export in exports:
+        for label, counted in export.items():
+            total.setdefault(label, CountSlice()).add(counted)
+    _fold_old(total)
+    return total
+
+
+class VersionedTally:
+    """Named event counts (e.g. reload results) kept apart by the version serving at the time."""
+
+    def __init__(self, version: int = 1) -> None:
+        self.version = version
+        self._slices: dict[str, CountSlice] = {}
+
+    def begin_version(self, version: int) -> None:
+        self.version = version
+
+    def count(self, name: str) -> None:
+        self._slices.setdefault(str(self.version), CountSlice()).scalars[name] += 1
+        _fold_old(self._slices)
+
+    def export(self) -> dict[str, Counter[str]]:
+        return {label: counted.scalars.copy() for label, counted in self._slices.items()}
+
+    def totals(self) -> Counter[str]:
+        """Counts by name over every version."""
+        out: Counter[str] = Counter()
+        for counted in self._slices.values():
+            out.update(counted.scalars)
+        return out
+
+
+class VersionLogFilter(logging.Filter):
+    """Stamps each record with `config_version`, the version this process serves."""
+
+    version: int | str = "-"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.config_version = VersionLogFilter.version
+        return True
+
+    @staticmethod
+    def set_version(version: int) -> None:
+        VersionLogFilter.version = version
