@@ -25,6 +25,7 @@ __all__ = [
     "ForceSpec",
     "GatewayConfig",
     "LimitsSpec",
+    "RESTART_ONLY_KEYS",
     "RouteSpec",
     "ShadowSpec",
     "UpstreamSpec",
@@ -277,9 +278,17 @@ class ForceSpec(_Strict):
         return value.lower()
 
 
+# Settings a running gateway cannot change: its sockets and its processes. A reload that
+# changes one is refused whole, so a config is never half applied.
+RESTART_ONLY_KEYS = ("listen", "admin", "admin_token", "workers")
+
+
 class GatewayConfig(_Strict):
     listen: str = "127.0.0.1:8080"
     admin: str = "127.0.0.1:8081"
+    # Bearer token for the admin API; MODELGATE_ADMIN_TOKEN in the environment overrides it.
+    admin_token: str | None = None
+    workers: int = Field(1, ge=1, le=256)
     log_dir: str = "./modelgate-logs"
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     force: ForceSpec = Field(default_factory=ForceSpec)
@@ -290,6 +299,16 @@ class GatewayConfig(_Strict):
     @classmethod
     def _hostport(cls, value: str) -> str:
         parse_hostport(value)
+        return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[!-~]{16,512}", value):
+            raise ValueError(
+                "must be 16 to 512 visible ASCII characters (no spaces), "
+                f"got {len(value)} characters"
+            )
         return value
 
     @property
