@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 import pytest
 
-from modelgate import difflog
+from modelgate import difflog, difflog_cli
 from modelgate.config import CompareSpec
 from modelgate.diff import Answer, Verdict
 from modelgate.difflog import (
@@ -353,3 +353,93 @@ def test_reader_errors_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "difflog-x.json").write_text('{"format": "something-else"}')
     with pytest.raises(DiffLogError, match="not a modelgate diff log"):
         read_difflog(orphan)
+
+
+# --- modelgate difflog (the command line) -----------------------------------------------------
+
+
+@pytest.fixture
+def sample_log(tmp_path: Path) -> Path:
+    jobs = [job(i, differs=i % 4 == 0) for i in range(40)]
+    late = job(40)
+    late.shadow_answer = None
+    write(tmp_path, [*jobs, late], max_file_bytes=16 * RECORD_SIZE)
+    return tmp_path
+
+
+def test_wilson_interval() -> None:
+    low, high = difflog_cli.wilson_interval(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+    low, high = difflog_cli.wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    assert all(np.isnan(v) for v in difflog_cli.wilson_interval(0, 0))
+
+
+def test_summarize_json(sample_log: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert difflog_cli.main(["summarize", str(sample_log), "--json"]) == 0
+    summary = orjson.loads(capsys.readouterr().out)
+    assert summary["records"] == 41 and len(summary["files"]) == 3
+    (pair,) = summary["pairs"]
+    assert (pair["route"], pair["shadow"]) == ("predict", "v3")
+    assert pair["verdicts"]["equal"] == 30 and pair["verdicts"]["differs"] == 10
+    assert pair["verdicts"]["shadow_timeout"] == 1 and pair["compared"] == 40
+    assert pair["agreement"] == 0.75
+    low, high = pair["agreement_ci95"]
+    assert low < 0.75 < high
+    assert pair["argmax_agreement"] == 0.0  # only differing pairs were walked: all flipped
+    assert pair["latency_ms"]["shadow_minus_primary"]["p50"] == pytest.approx(2.0, abs=1e-3)
+    top = {(f["pointer"], f["kind"]): f["count"] for f in summary["fields"]}
+    assert top[("/label", "value_changed")] == 10
+
+
+def test_summarize_in_a_subprocess(sample_log: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "modelgate", "difflog", "summarize", str(sample_log)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "41 records" in result.stdout
+    assert "75.00%" in result.stdout and "/label" in result.stdout
+
+
+def test_show_prints_examples_with_bodies(
+    sample_log: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert difflog_cli.main(["show", str(sample_log), "--verdict", "differs", "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("10 records with verdict differs; showing 2")
+    assert "req-0" in out and "req-4" in out and "req-8" not in out
+    assert '/label  value_changed  "pos" -> "neg"' in out
+    assert 'request: {"x": 0}' in out and '"label":"neg"' in out
+    assert difflog_cli.main(["show", str(sample_log), "--verdict", "equal", "--limit", "1"]) == 0
+    assert "no payload kept" in capsys.readouterr().out
+
+
+def test_export_jsonl_and_csv(sample_log: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export.jsonl"
+    assert difflog_cli.main(["export", str(sample_log), "--output", str(out)]) == 0
+    rows = [orjson.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 41
+    assert rows[0]["verdict"] == "differs" and rows[0]["route"] == "predict"
+    assert rows[0]["payload_offset"] is not None and rows[1]["payload_offset"] is None
+    assert rows[-1]["shadow_ms"] is None and rows[-1]["verdict"] == "shadow_timeout"
+    csv_out = tmp_path / "export.csv"
+    assert (
+        difflog_cli.main(["export", str(sample_log), "--format", "csv", "--output", str(csv_out)])
+        == 0
+    )
+    lines = csv_out.read_text().splitlines()
+    assert lines[0].startswith("ts_ns,time,request_id,") and len(lines) == 42
+    assert lines[-1].split(",")[11] == ""  # shadow_ms of the timed-out pair
+
+
+def test_cli_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert difflog_cli.main(["summarize", str(tmp_path / "missing")]) == 1
+    assert "no such file or directory" in capsys.readouterr().err
+    stray = tmp_path / "difflog-fake.bin"
+    stray.write_bytes(b"x" * 100)
+    assert difflog_cli.main(["show", str(stray)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("modelgate difflog: error:") and "not a modelgate diff log" in err

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from modelgate import __version__
-from modelgate.config import ConfigError, GatewayConfig, load_config
+from modelgate.config import ConfigError, load_config
 
 __all__ = ["main"]
 
@@ -43,35 +43,18 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         return 1
 
 
-def _load_or_print(path: str, prefix: str = "") -> GatewayConfig | None:
+def _cmd_check(ns: argparse.Namespace) -> int:
     try:
-        return load_config(path)
+        config = load_config(ns.file)
     except ConfigError as exc:
         for error in exc.errors:
-            print(f"{prefix}{error}")
-        return None
-
-
-def _cmd_check(ns: argparse.Namespace) -> int:
-    config = _load_or_print(ns.file)
-    if config is None:
+            print(error)
         return 1
     experiments = sum(1 for r in config.routes if r.experiment is not None)
     print(
         f"{ns.file}: ok ({len(config.routes)} routes, {experiments} experiments, "
         f"{len(config.upstreams)} upstreams)"
     )
-    if ns.against is None:
-        return 0
-    from modelgate.safety import safety_report
-
-    old = _load_or_print(ns.against, prefix=f"{ns.against}: ")
-    if old is None:
-        return 1
-    report = safety_report(old, config)
-    print(f"against {ns.against}:")
-    for line in report.lines() or ["no experiment changes"]:
-        print(f"  {line}")
     return 0
 
 
@@ -112,12 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config file")
     check.add_argument("file")
-    check.add_argument(
-        "--against",
-        metavar="OLD",
-        default=None,
-        help="also report which share of units each experiment moves, replacing OLD by FILE",
-    )
     check.set_defaults(func=_cmd_check)
 
     mock = commands.add_parser("mock-model", help="a fake model server for tests and demos")
@@ -129,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=300.0, help="requests per second")
     demo.add_argument("--config", default=None, help="a demo config (default: the built-in)")
     demo.set_defaults(func=_cmd_demo)
+
+    from modelgate.difflog_cli import configure_parser as configure_difflog
+
+    difflog = commands.add_parser("difflog", help="read shadow diff logs: summarize, show, export")
+    configure_difflog(difflog)
     return parser
 
 
