@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from modelgate import __version__
-from modelgate.config import ConfigError, load_config
+from modelgate.config import ConfigError, GatewayConfig, load_config
 
 __all__ = ["main"]
 
@@ -43,18 +43,35 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         return 1
 
 
-def _cmd_check(ns: argparse.Namespace) -> int:
+def _load_or_print(path: str, prefix: str = "") -> GatewayConfig | None:
     try:
-        config = load_config(ns.file)
+        return load_config(path)
     except ConfigError as exc:
         for error in exc.errors:
-            print(error)
+            print(f"{prefix}{error}")
+        return None
+
+
+def _cmd_check(ns: argparse.Namespace) -> int:
+    config = _load_or_print(ns.file)
+    if config is None:
         return 1
     experiments = sum(1 for r in config.routes if r.experiment is not None)
     print(
         f"{ns.file}: ok ({len(config.routes)} routes, {experiments} experiments, "
         f"{len(config.upstreams)} upstreams)"
     )
+    if ns.against is None:
+        return 0
+    from modelgate.safety import safety_report
+
+    old = _load_or_print(ns.against, prefix=f"{ns.against}: ")
+    if old is None:
+        return 1
+    report = safety_report(old, config)
+    print(f"against {ns.against}:")
+    for line in report.lines() or ["no experiment changes"]:
+        print(f"  {line}")
     return 0
 
 
@@ -95,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config file")
     check.add_argument("file")
+    check.add_argument(
+        "--against",
+        metavar="OLD",
+        default=None,
+        help="also report which share of units each experiment moves, replacing OLD by FILE",
+    )
     check.set_defaults(func=_cmd_check)
 
     mock = commands.add_parser("mock-model", help="a fake model server for tests and demos")
