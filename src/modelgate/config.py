@@ -15,7 +15,14 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "ChaosRule",
@@ -55,6 +62,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _lowercase_header_names(value: dict[str, str]) -> dict[str, str]:
+    """Header matches are exact on values, case-insensitive on names (stored lowercase)."""
+    for name in value:
+        if not _HEADER_NAME.match(name):
+            raise ValueError(f"not a header name: {name!r}")
+    return {name.lower(): v for name, v in value.items()}
+
+
 def parse_hostport(value: str) -> tuple[str, int]:
     """`127.0.0.1:8080`, `[::1]:8080` or `localhost:8080` -> (host, port)."""
     host, sep, port_text = value.rpartition(":")
@@ -75,6 +90,8 @@ class LimitsSpec(_Strict):
     client_body_timeout_ms: int = Field(60_000, ge=1)
     keepalive_timeout_ms: int = Field(75_000, ge=1)
     drain_timeout_ms: int = Field(30_000, ge=0)
+    # Shadows need whole bodies: a request or primary response larger than this is not teed.
+    shadow_body_max_bytes: int = Field(1024 * 1024, ge=0)
 
 
 class UpstreamSpec(_Strict):
@@ -142,10 +159,7 @@ class MatchSpec(_Strict):
     @field_validator("headers")
     @classmethod
     def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
-            if not _HEADER_NAME.match(name):
-                raise ValueError(f"not a header name: {name!r}")
-        return {name.lower(): v for name, v in value.items()}
+        return _lowercase_header_names(value)
 
 
 class VariantSpec(_Strict):
@@ -179,11 +193,67 @@ class CanarySpec(_Strict):
     checks: list[CanaryCheck] | None = None
 
 
+class ConditionSpec(_Strict):
+    """One test on the request: a source (`header`, `cookie` or `query`) and one operator."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    header: str | None = None
+    cookie: str | None = None
+    query: str | None = None
+    equals: str | None = None
+    in_: list[str] | None = Field(None, alias="in")
+    regex: str | None = None
+    prefix: str | None = None
+    semver: str | None = None  # ">=2.3.0", "<3", "==1.2.3", "!=1.0.0"
+
+    @model_validator(mode="after")
+    def _one_source_one_operator(self) -> ConditionSpec:
+        sources = [k for k in ("header", "cookie", "query") if getattr(self, k) is not None]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of header, cookie, query")
+        operators = [
+            k
+            for k in ("equals", "in_", "regex", "prefix", "semver")
+            if getattr(self, k) is not None
+        ]
+        if len(operators) != 1:
+            raise ValueError("give exactly one of equals, in, regex, prefix, semver")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"bad regex {self.regex!r}: {exc}") from exc
+        if self.semver is not None and not _SEMVER_SPEC.match(self.semver.strip()):
+            raise ValueError(
+                f"semver must look like '>=1.2.3' (operators ==, !=, >=, <=, >, <), "
+                f"got {self.semver!r}"
+            )
+        return self
+
+
+_SEMVER_SPEC = re.compile(r"^(==|!=|>=|<=|>|<)?\s*v?\d+(\.\d+){0,2}$")
+
+
+class SegmentSpec(_Strict):
+    """Requests matching every condition get these weights instead of the default ones."""
+
+    name: Name
+    when: list[ConditionSpec] = Field(min_length=1)
+    weights: dict[str, float] = Field(min_length=1)
+
+
 class ExperimentSpec(_Strict):
     name: Name
     salt: str | None = None
     variants: list[VariantSpec] = Field(min_length=1)
     canary: CanarySpec | None = None
+    default: str | None = None  # the variant for killed, unenrolled units; the first if unset
+    overrides: dict[str, str] = Field(default_factory=dict)  # unit id -> variant
+    segments: list[SegmentSpec] = Field(default_factory=list)
+    coverage: float = Field(1.0, ge=0, le=1)
+    killed: bool = False
+    layer: str | None = Field(None, pattern=_NAME, max_length=128)
+    layer_share: float | None = Field(None, gt=0, le=1)
 
     @property
     def effective_salt(self) -> str:
@@ -221,22 +291,163 @@ class CompareSpec(_Strict):
 
 
 class ShadowSpec(_Strict):
-    """Validated now; teeing is issue #5's."""
+    """A copy of the route's traffic to another upstream; its answers are compared, never
+    returned. `timeout_ms` defaults to the upstream's own; `max_inflight` bounds the copies
+    outstanding at once (beyond it a copy is dropped and counted, never queued)."""
 
     upstream: str
+    name: str | None = Field(None, pattern=_NAME, max_length=128)
     sample: float = Field(1.0, ge=0, le=1)
     sample_by: Literal["unit", "request"] = "unit"
     methods: list[str] | None = None
+    timeout_ms: int | None = Field(None, ge=1)
+    max_inflight: int = Field(64, ge=1)
     compare: CompareSpec = Field(default_factory=CompareSpec)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [m.upper() for m in value]
+
+
+class DelaySpec(_Strict):
+    """A latency fault: fixed `ms`, or a distribution, always capped by `max_ms`.
+
+    uniform: low_ms..high_ms; normal: mean_ms, sd_ms; lognormal: median_ms, sigma (of the
+    log); pareto: scale_ms (the minimum), alpha (the tail index)."""
+
+    distribution: Literal["fixed", "uniform", "normal", "lognormal", "pareto"] = "fixed"
+    ms: float | None = Field(None, ge=0)
+    low_ms: float | None = Field(None, ge=0)
+    high_ms: float | None = Field(None, ge=0)
+    mean_ms: float | None = Field(None, ge=0)
+    sd_ms: float | None = Field(None, ge=0)
+    median_ms: float | None = Field(None, gt=0)
+    sigma: float | None = Field(None, ge=0)
+    scale_ms: float | None = Field(None, gt=0)
+    alpha: float | None = Field(None, gt=0)
+    max_ms: float = Field(30_000.0, ge=0)
+
+    @model_validator(mode="after")
+    def _parameters(self) -> DelaySpec:
+        needed = {
+            "fixed": ("ms",),
+            "uniform": ("low_ms", "high_ms"),
+            "normal": ("mean_ms", "sd_ms"),
+            "lognormal": ("median_ms", "sigma"),
+            "pareto": ("scale_ms", "alpha"),
+        }[self.distribution]
+        missing = [key for key in needed if getattr(self, key) is None]
+        if missing:
+            raise ValueError(f"distribution {self.distribution} needs {', '.join(missing)}")
+        if self.distribution == "uniform" and (self.low_ms or 0) > (self.high_ms or 0):
+            raise ValueError("low_ms must be <= high_ms")
+        return self
+
+
+class AbortSpec(_Strict):
+    status: int = Field(503, ge=400, le=599)
+    body: str | None = None  # default: the gateway's JSON error
+
+
+class PointerNoise(_Strict):
+    pointers: list[str] = Field(min_length=1)
+    sd: float = Field(gt=0)
+
+
+class PointerBias(_Strict):
+    pointers: list[str] = Field(min_length=1)
+    shift: float
+
+
+class LabelFlip(_Strict):
+    pointer: str
+    labels: list[str | int] = Field(min_length=2)
+    probability: float = Field(1.0, ge=0, le=1)
+
+
+class PointerReplace(_Strict):
+    pointers: list[str] = Field(min_length=1)
+    value: Literal["nan", "null"]
+
+
+class ModelFaultSpec(_Strict):
+    """Degraded predictions on JSON answers. `nan` breaks strict JSON on purpose."""
+
+    noise: PointerNoise | None = None
+    bias: PointerBias | None = None
+    flip: LabelFlip | None = None
+    replace: PointerReplace | None = None
+    stale: Any = None  # a fixed JSON document returned instead of the model's answer
+
+    @field_validator("noise", "bias", "replace")
+    @classmethod
+    def _pointers(cls, value: Any) -> Any:
+        for pointer in getattr(value, "pointers", None) or []:
+            _check_pointer(pointer)
+        return value
+
+
+def _check_pointer(pointer: str) -> None:
+    if pointer and not pointer.startswith("/"):
+        raise ValueError(f"JSON pointer must start with '/', got {pointer!r}")
 
 
 class ChaosRule(_Strict):
-    """Validated now; injection is issue #6's. Fault keys beyond these are added there."""
+    """A fault on chosen traffic. Scope: `variant`, `upstream`, `headers`; share:
+    `probability` chosen `by` request (random, `seed` for repeatable runs) or unit (the same
+    users every time). `max_active` caps faults in flight at once."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
     name: Name
+    enabled: bool = True
     variant: str | None = None
+    upstream: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
     probability: float = Field(1.0, ge=0, le=1)
+    by: Literal["request", "unit"] = "request"
+    seed: int | None = None
+    max_active: int | None = Field(None, ge=1)
+    header_control: bool = False  # x-modelgate-chaos may ask for this rule's faults
+    delay_ms: float | None = Field(None, ge=0)  # shorthand for delay: {ms: ...}
+    delay: DelaySpec | None = None
+    abort: AbortSpec | None = None
+    reset: bool = False
+    hang: bool = False
+    truncate_bytes: int | None = Field(None, ge=0)
+    slow_body_bytes_per_s: int | None = Field(None, ge=1)
+    model: ModelFaultSpec | None = None
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
+        return _lowercase_header_names(value)
+
+    @model_validator(mode="after")
+    def _one_fault(self) -> ChaosRule:
+        if self.delay_ms is not None and self.delay is not None:
+            raise ValueError("give delay_ms or delay, not both")
+        terminal = [k for k in ("abort", "reset", "hang") if getattr(self, k)]
+        if len(terminal) > 1:
+            raise ValueError(f"{' and '.join(terminal)} cannot be combined: each ends the request")
+        faults = terminal + [
+            k
+            for k in ("delay_ms", "delay", "truncate_bytes", "slow_body_bytes_per_s", "model")
+            if getattr(self, k) is not None
+        ]
+        if not faults:
+            raise ValueError(
+                "no fault: give one of delay_ms, delay, abort, reset, hang, truncate_bytes, "
+                "slow_body_bytes_per_s, model"
+            )
+        return self
+
+
+class ChaosSettings(_Strict):
+    """Process-wide chaos switches."""
+
+    response_header: bool = True  # x-modelgate-chaos: <rules> on faulted responses
+    request_header: bool = False  # let x-modelgate-chaos on requests ask for faults
+    header: str = "x-modelgate-chaos"
 
 
 class RouteSpec(_Strict):
@@ -246,6 +457,9 @@ class RouteSpec(_Strict):
     unit_fallback: Literal["random", "client_ip", "reject"] = "random"
     upstream: str | None = None
     experiment: ExperimentSpec | None = None
+    # More experiments on the same traffic (factorial designs, flags the model reads from
+    # x-modelgate-variant); the first whose variant names an upstream picks the upstream.
+    experiments: list[ExperimentSpec] = Field(default_factory=list)
     shadows: list[ShadowSpec] = Field(default_factory=list)
     chaos: list[ChaosRule] = Field(default_factory=list)
 
@@ -292,6 +506,7 @@ class GatewayConfig(_Strict):
     log_dir: str = "./modelgate-logs"
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     force: ForceSpec = Field(default_factory=ForceSpec)
+    chaos: ChaosSettings = Field(default_factory=ChaosSettings)
     upstreams: dict[Name, UpstreamSpec] = Field(min_length=1)
     routes: list[RouteSpec] = Field(min_length=1)
 
@@ -353,37 +568,62 @@ def _cross_reference_errors(config: GatewayConfig) -> list[str]:
         if route.name in route_names:
             errors.append(f"{where}.name: duplicate route name {route.name!r}")
         route_names.add(route.name)
-        if route.upstream is None and route.experiment is None:
+        if route.upstream is None and route.experiment is None and not route.experiments:
             errors.append(f"{where}: needs an upstream or an experiment")
         if route.upstream is not None and route.upstream not in upstreams:
             errors.append(f"{where}.upstream: unknown upstream {route.upstream!r}")
-        if route.experiment is not None:
-            errors.extend(_experiment_errors(config, route, where, experiment_names))
+        for key, experiment in route_experiments(route):
+            errors.extend(
+                _experiment_errors(config, route, experiment, f"{where}.{key}", experiment_names)
+            )
+            if experiment.layer is not None and route.upstream is None:
+                errors.append(
+                    f"{where}.{key}.layer: a route whose experiments use layers needs its own "
+                    "upstream, for the units outside them"
+                )
+        shadow_names: set[str] = set()
         for s_index, shadow in enumerate(route.shadows):
             if shadow.upstream not in upstreams:
                 errors.append(
                     f"{where}.shadows[{s_index}].upstream: unknown upstream {shadow.upstream!r}"
                 )
+            shadow_name = shadow.name or shadow.upstream
+            if shadow_name in shadow_names:
+                errors.append(
+                    f"{where}.shadows[{s_index}]: duplicate shadow {shadow_name!r} "
+                    "(give each a distinct `name`)"
+                )
+            shadow_names.add(shadow_name)
         rule_names: set[str] = set()
-        variant_names = (
-            {v.name for v in route.experiment.variants} if route.experiment is not None else set()
-        )
+        variant_names = {v.name for _, e in route_experiments(route) for v in e.variants}
         for c_index, rule in enumerate(route.chaos):
             if rule.name in rule_names:
                 errors.append(f"{where}.chaos[{c_index}].name: duplicate rule {rule.name!r}")
             rule_names.add(rule.name)
             if rule.variant is not None and rule.variant not in variant_names:
                 errors.append(f"{where}.chaos[{c_index}].variant: unknown variant {rule.variant!r}")
+            if rule.upstream is not None and rule.upstream not in upstreams:
+                errors.append(
+                    f"{where}.chaos[{c_index}].upstream: unknown upstream {rule.upstream!r}"
+                )
     return errors
 
 
+def route_experiments(route: RouteSpec) -> list[tuple[str, ExperimentSpec]]:
+    """A route's experiments in order, each with its key path below the route."""
+    found = [("experiment", route.experiment)] if route.experiment is not None else []
+    found += [(f"experiments[{i}]", e) for i, e in enumerate(route.experiments)]
+    return found
+
+
 def _experiment_errors(
-    config: GatewayConfig, route: RouteSpec, where: str, experiment_names: set[str]
+    config: GatewayConfig,
+    route: RouteSpec,
+    experiment: ExperimentSpec,
+    where: str,
+    experiment_names: set[str],
 ) -> list[str]:
     errors: list[str] = []
-    experiment = route.experiment
-    assert experiment is not None
-    where = f"{where}.experiment"
     if experiment.name in experiment_names:
         errors.append(f"{where}.name: duplicate experiment name {experiment.name!r}")
     experiment_names.add(experiment.name)
@@ -404,6 +644,26 @@ def _experiment_errors(
             )
     if experiment.variants and sum(v.weight for v in experiment.variants) <= 0:
         errors.append(f"{where}.variants: weights are all zero; at least one must be > 0")
+    if experiment.default is not None and experiment.default not in seen:
+        errors.append(f"{where}.default: unknown variant {experiment.default!r}")
+    for unit, variant_name in experiment.overrides.items():
+        if variant_name not in seen:
+            errors.append(f"{where}.overrides.{unit}: unknown variant {variant_name!r}")
+    for g_index, segment in enumerate(experiment.segments):
+        for variant_name, weight in segment.weights.items():
+            if variant_name not in seen:
+                errors.append(
+                    f"{where}.segments[{g_index}].weights.{variant_name}: unknown variant"
+                )
+            elif not math.isfinite(weight) or weight < 0:
+                errors.append(
+                    f"{where}.segments[{g_index}].weights.{variant_name}: must be a finite "
+                    f"number >= 0, got {weight}"
+                )
+        if sum(segment.weights.values()) <= 0:
+            errors.append(f"{where}.segments[{g_index}].weights: all zero")
+    if (experiment.layer is None) != (experiment.layer_share is None):
+        errors.append(f"{where}: layer and layer_share go together")
     canary = experiment.canary
     if canary is not None:
         for key in ("baseline", "candidate"):
@@ -414,6 +674,22 @@ def _experiment_errors(
             if not 0 <= step <= 100:
                 errors.append(f"{where}.canary.steps[{s_index}]: must be in [0, 100], got {step}")
     return errors
+
+
+def _layer_errors(config: GatewayConfig) -> list[str]:
+    """Experiments sharing a layer split its bucket space: the shares must fit in it."""
+    shares: dict[str, float] = {}
+    for route in config.routes:
+        for _, experiment in route_experiments(route):
+            if experiment.layer is not None and experiment.layer_share is not None:
+                shares[experiment.layer] = (
+                    shares.get(experiment.layer, 0.0) + experiment.layer_share
+                )
+    return [
+        f"layers.{name}: experiment shares add up to {total:g}, more than 1"
+        for name, total in shares.items()
+        if total > 1 + 1e-9
+    ]
 
 
 def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
@@ -436,7 +712,7 @@ def validate_config(raw: Any) -> GatewayConfig:
         config = GatewayConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_pydantic_errors(exc)) from exc
-    errors = _cross_reference_errors(config)
+    errors = _cross_reference_errors(config) + _layer_errors(config)
     if errors:
         raise ConfigError(errors)
     return config

@@ -10,6 +10,9 @@ mask keeps them apart so one reason's resume does not undo another's pause.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -413,3 +416,13 @@ class ClientConnection(asyncio.Protocol):
         self.closing = True
         if self.transport is not None:
             self.transport.abort()
+
+    def reset(self) -> None:
+        """Closes with a TCP RST (SO_LINGER 0), as a crashed upstream would be seen."""
+        transport = self.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.abort()

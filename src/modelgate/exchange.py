@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from modelgate.chaos import mutate_json
+from modelgate.faults import Throttle
 from modelgate.http11 import (
     GATEWAY_SET_RESPONSE_HEADERS,
     connection_tokens,
@@ -23,8 +25,12 @@ from modelgate.http11 import (
 from modelgate.unit import cookie_value, json_field, query_value
 
 if TYPE_CHECKING:
+    import asyncio
+
+    from modelgate.chaos import ChaosDecision
     from modelgate.connection import ClientConnection
     from modelgate.plan import CompiledRoute, Plan, UpstreamTarget
+    from modelgate.shadow import ShadowSession
     from modelgate.upstream import UpstreamConnection, UpstreamPool
 
 __all__ = ["Exchange"]
@@ -111,6 +117,14 @@ class Exchange:
         "waiting_for_body",
         "reject",
         "started_at",
+        "shadow",
+        "chaos",
+        "chaos_timer",
+        "sent_body",
+        "throttle",
+        "model_head",
+        "model_body",
+        "enrolled",
     )
 
     def __init__(self, client: ClientConnection) -> None:
@@ -155,6 +169,14 @@ class Exchange:
         self.waiting_for_body = False
         self.reject: tuple[int, str, str] | None = None
         self.started_at = 0.0
+        self.shadow: ShadowSession | None = None
+        self.chaos: ChaosDecision | None = None
+        self.chaos_timer: asyncio.TimerHandle | None = None
+        self.sent_body = 0
+        self.throttle: Throttle | None = None
+        self.model_head: list[bytes] | None = None  # head parts held while a model fault waits
+        self.model_body: list[bytes] = []
+        self.enrolled = False  # the unit counts in the experiment's analysis
 
     # --- request body, fed by the client connection -----------------------------------
 
@@ -165,6 +187,8 @@ class Exchange:
         if self.plan is not None and self.body_bytes > self.plan.limits.max_body_bytes:
             self._body_too_large()
             return
+        if self.shadow is not None:
+            self.shadow.add_request_body(data)
         replay = self.replay
         if replay is not None:
             if self.body_bytes <= REPLAY_LIMIT:
@@ -188,6 +212,8 @@ class Exchange:
         self.body_complete = True
         if self.done:
             return
+        if self.shadow is not None and self.plan is not None:
+            self.shadow.request_complete(self.plan, self._shadow_head, self.method)
         upstream = self.upstream
         if upstream is not None:
             if self.chunked:
@@ -261,40 +287,230 @@ class Exchange:
         plan = self.plan
         assert route is not None and plan is not None
         upstream_name = route.upstream
-        experiment = route.experiment
-        if experiment is not None:
-            index = self._forced_variant(plan, experiment.name, experiment.by_name)
-            if index < 0:
-                unit = self._unit()
-                if unit is None:
-                    if route.unit_fallback == "reject":
-                        sources = ", ".join(f"{s.kind}:{s.name}" for s in route.unit_sources)
-                        self.fail(
-                            400, "no_unit", f"no unit id in the request (looked in {sources})"
-                        )
-                        return
-                    if route.unit_fallback == "client_ip":
-                        unit = self.client.peer_ip
-                    else:
-                        unit = os.urandom(8).hex()
-                        self.client.gateway.counters.unit_fallbacks += 1
-                index = experiment.table.assign(experiment.salt, unit)
-            variant = experiment.variants[index]
-            self.variant_name = variant.name
-            self.variant_header = variant.assignment
-            upstream_name = variant.upstream
+        unit: str | None = None
+        if route.experiments:
+            assigned = self._assign(plan, route)
+            if assigned is None:
+                return  # answered (no unit and unit_fallback: reject)
+            unit, chosen = assigned
+            if chosen is not None:
+                upstream_name = chosen
+        if upstream_name is None:
+            self.fail(
+                503, "no_healthy_upstream", "no experiment applied and the route has no upstream"
+            )
+            return
         assert upstream_name is not None
+        if route.shadows:
+            if unit is None:
+                unit = self._unit()
+            self._begin_shadow(plan, route, unit)
         self.target = plan.upstreams[upstream_name]
-        pool = self.client.gateway.registry.pools.get(upstream_name)
+        if route.chaos:
+            self._decide_chaos(plan, route, upstream_name, unit)
+            decision = self.chaos
+            if decision is not None and decision.delay_s > 0:
+                self.chaos_timer = self.client.gateway.loop.call_later(
+                    decision.delay_s, self._after_delay
+                )
+                return
+        self._after_delay()
+
+    def _after_delay(self) -> None:
+        """Forwards the request, unless a chaos fault answers it first."""
+        self.chaos_timer = None
+        if self.done:
+            return
+        decision = self.chaos
+        if decision is not None:
+            if decision.abort is not None:
+                self._chaos_abort(*decision.abort)
+                return
+            if decision.reset:
+                self._chaos_reset()
+                return
+            if decision.hang:
+                # Never forwarded: the watchdog answers 504 after the upstream's timeout.
+                gateway = self.client.gateway
+                self.upstream_activity = gateway.loop.time()
+                gateway.inflight.add(self)
+                return
+        plan = self.plan
+        target = self.target
+        assert plan is not None and target is not None
+        pool = self.client.gateway.registry.pools.get(target.name)
         if pool is None:
-            self.fail(503, "no_healthy_upstream", f"upstream {upstream_name!r} has no pool")
+            self.fail(503, "no_healthy_upstream", f"upstream {target.name!r} has no pool")
             return
         self.pool = pool
         self._send_continue()
-        self.request_head = self._build_request_head()
+        self.request_head = self._request_head(
+            target.host_header, target.base_path, self._framing(), b""
+        )
         conn = pool.acquire(self)
         if conn is not None:
             self.upstream_ready(conn)
+
+    def _decide_chaos(
+        self, plan: Plan, route: CompiledRoute, upstream: str, unit: str | None
+    ) -> None:
+        settings = plan.config.chaos
+        requested = None
+        if settings.request_header:
+            requested = self._header(settings.header.encode("latin-1"))
+        if unit is None and any(rule.by == "unit" for rule in route.chaos):
+            unit = self._unit()
+        self.chaos = self.client.gateway.chaos.decide(
+            route.name, route.chaos, self.variant_name, upstream, self.headers, unit, requested
+        )
+
+    def _chaos_header(self) -> bytes:
+        decision = self.chaos
+        plan = self.plan
+        if decision is None or plan is None or not plan.config.chaos.response_header:
+            return b""
+        return b"x-modelgate-chaos: " + decision.header_value + b"\r\n"
+
+    def _chaos_abort(self, status: int, body: bytes | None) -> None:
+        decision = self.chaos
+        assert decision is not None
+        if body is None:
+            rules = ", ".join(decision.names)
+            self.fail(status, "chaos_abort", f"fault injected by chaos rule {rules}")
+            return
+        if not self.body_complete or not self.client.gateway.accepting:
+            self.keep_alive = False
+        self.responded = True
+        self.response_status = status
+        content_type = b"application/json" if body[:1] in (b"{", b"[") else b"text/plain"
+        head = b"".join(
+            (
+                status_line(status),
+                b"content-type: ",
+                content_type,
+                b"\r\ncontent-length: %d\r\n" % len(body),
+                self._gateway_headers(),
+                b"" if self.keep_alive else b"connection: close\r\n",
+                b"\r\n",
+            )
+        )
+        self.client.write(head if self.method == b"HEAD" else head + body)
+        if self.shadow is not None:
+            self.shadow.primary_failed(status, body, self.client.gateway.loop.time())
+        self._count()
+        self._finish()
+
+    def _chaos_reset(self) -> None:
+        """A connection reset seen by the client: RST, no response."""
+        self.keep_alive = False
+        self.response_status = 0
+        if self.shadow is not None:
+            self.shadow.primary_abandoned()
+        self._count()
+        self.done = True
+        self._release_chaos()
+        self.client.reset()
+
+    def _release_chaos(self) -> None:
+        if self.chaos is not None:
+            self.client.gateway.chaos.release(self.chaos)
+        if self.chaos_timer is not None:
+            self.chaos_timer.cancel()
+            self.chaos_timer = None
+        if self.throttle is not None:
+            self.throttle.close()
+
+    def _gateway_headers(self) -> bytes:
+        """x-request-id, then the route, variant and chaos headers of every response."""
+        return b"x-request-id: " + self.request_id + b"\r\n" + self._tag_headers()
+
+    def _tag_headers(self) -> bytes:
+        route = self.route
+        return b"".join(
+            (
+                route.route_header if route is not None else b"",
+                b"x-modelgate-variant: " + self.variant_header + b"\r\n"
+                if self.variant_header
+                else b"",
+                self._chaos_header(),
+            )
+        )
+
+    def _assign(self, plan: Plan, route: CompiledRoute) -> tuple[str | None, str | None] | None:
+        """Assigns every experiment of the route; returns (unit, upstream the variants chose),
+        or None when the request was answered (no unit id and `unit_fallback: reject`)."""
+        unit: str | None = None
+        upstream: str | None = None
+        names: list[bytes] = []
+        for experiment in route.experiments:
+            index = self._forced_variant(plan, experiment.name, experiment.by_name)
+            enrolled = False
+            if index < 0:
+                if unit is None:
+                    unit = self._unit_or_fallback(route)
+                    if unit is None:
+                        return None
+                assignment = experiment.targeting.assign(unit, self._lookup)
+                if assignment is None:
+                    continue  # the unit's layer puts it in another experiment
+                index = assignment.index
+                enrolled = assignment.enrolled
+            variant = experiment.variants[index]
+            if not names:
+                self.variant_name = variant.name
+                self.enrolled = enrolled
+            names.append(variant.assignment)
+            if upstream is None and variant.routes_traffic:
+                upstream = variant.upstream
+        self.variant_header = names[0] if len(names) == 1 else b",".join(names)
+        return unit, upstream
+
+    def _unit_or_fallback(self, route: CompiledRoute) -> str | None:
+        unit = self._unit()
+        if unit is not None:
+            return unit
+        if route.unit_fallback == "reject":
+            sources = ", ".join(f"{s.kind}:{s.name}" for s in route.unit_sources)
+            self.fail(400, "no_unit", f"no unit id in the request (looked in {sources})")
+            return None
+        if route.unit_fallback == "client_ip":
+            return self.client.peer_ip
+        self.client.gateway.counters.unit_fallbacks += 1
+        return os.urandom(8).hex()
+
+    def _lookup(self, kind: str, name: str) -> str | None:
+        """A request value for segment conditions: header, cookie or query parameter."""
+        if kind == "header":
+            value = self._header(name.encode("latin-1"))
+            return value.decode("utf-8", "replace") if value is not None else None
+        if kind == "cookie":
+            key = name.encode("utf-8")
+            for lname, _, header_value in self.headers:
+                if lname == b"cookie":
+                    found = cookie_value(header_value, key)
+                    if found is not None:
+                        return found
+            return None
+        _, sep, query = self.url.partition(b"?")
+        return query_value(query, name.encode("utf-8")) if sep else None
+
+    def _begin_shadow(self, plan: Plan, route: CompiledRoute, unit: str | None) -> None:
+        experiment = route.experiment
+        session = self.client.gateway.shadows.begin(
+            plan,
+            route,
+            self.method,
+            unit,
+            (self.request_id, experiment.name if experiment else "", self.variant_name),
+            plan.limits.shadow_body_max_bytes,
+        )
+        if session is None:
+            return
+        self.shadow = session
+        for chunk in self.body_chunks:  # what arrived before the route was decided
+            session.add_request_body(chunk)
+        if self.body_complete:
+            session.request_complete(plan, self._shadow_head, self.method)
 
     def _send_continue(self) -> None:
         if self.expect_continue and not self.body_complete and not self.responded:
@@ -347,28 +563,36 @@ class Exchange:
                     return found
         return None
 
-    def _build_request_head(self) -> bytes:
-        target = self.target
-        assert target is not None
+    def _framing(self) -> bytes:
+        if self.chunked:
+            return b"transfer-encoding: chunked\r\n"
+        if self.content_length is not None:
+            return b"content-length: %d\r\n" % self.content_length
+        return b""
+
+    def _shadow_head(self, host_header: bytes, base_path: bytes, content_length: int) -> bytes:
+        """The head of a shadow copy: the whole body is buffered, so its length is known."""
+        framing = b"content-length: %d\r\n" % content_length
+        if not content_length and self.content_length is None and not self.chunked:
+            framing = b""
+        return self._request_head(host_header, base_path, framing, b"x-modelgate-shadow: 1\r\n")
+
+    def _request_head(
+        self, host_header: bytes, base_path: bytes, framing: bytes, extra: bytes
+    ) -> bytes:
         forward = self.forward
         if self.connection_tokens:
             forward = self._drop_named(forward, self.connection_tokens)
-        if self.chunked:
-            framing = b"transfer-encoding: chunked\r\n"
-        elif self.content_length is not None:
-            framing = b"content-length: %d\r\n" % self.content_length
-        else:
-            framing = b""
         peer = self.client.peer_ip_bytes
         forwarded_for = self.forwarded_for
         return b"".join(
             (
                 self.method,
                 b" ",
-                target.base_path,
+                base_path,
                 self.url,
                 b" HTTP/1.1\r\n",
-                target.host_header,
+                host_header,
                 *forward,
                 framing,
                 b"x-request-id: ",
@@ -380,6 +604,7 @@ class Exchange:
                 b"x-modelgate-variant: " + self.variant_header + b"\r\n"
                 if self.variant_header
                 else b"",
+                extra,
                 b"\r\n",
             )
         )
@@ -458,6 +683,8 @@ class Exchange:
             return
         gateway.counters.count_upstream_error(kind)
         if self.responded:
+            if self.shadow is not None:
+                self.shadow.primary_abandoned()
             self.keep_alive = False
             self._finish()
             self.client.abort()
@@ -474,6 +701,8 @@ class Exchange:
         self.upstream_activity = self.client.gateway.loop.time()
         self.responded = True
         self.response_status = status
+        if self.shadow is not None:
+            self.shadow.primary_head(status, headers)
         route = self.route
         assert route is not None
         parts = [status_line(status, reason)]
@@ -491,6 +720,10 @@ class Exchange:
             parts = [parts[0], *self._drop_named(parts[1:], tokens)]
         no_body = self.method == b"HEAD" or status in (204, 304)
         self.no_response_body = no_body
+        decision = self.chaos
+        if decision is not None and decision.model is not None and not no_body:
+            if self._hold_for_model_fault(status, headers, content_length, parts):
+                return
         chunked_upstream = framed and content_length is None
         if no_body:
             if content_length is not None and status != 204:
@@ -504,9 +737,7 @@ class Exchange:
             self.keep_alive = False  # HTTP/1.0 client, unknown length: close-delimited
         if not self.client.gateway.accepting:
             self.keep_alive = False
-        parts += (b"x-request-id: ", self.request_id, b"\r\n", route.route_header)
-        if self.variant_header:
-            parts += (b"x-modelgate-variant: ", self.variant_header, b"\r\n")
+        parts.append(self._gateway_headers())
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
         elif self.version == "1.0":
@@ -514,6 +745,38 @@ class Exchange:
         parts.append(b"\r\n")
         # Held back until the end of this read so head and body leave in one write.
         self.pending_head = b"".join(parts)
+        if decision is not None:
+            if decision.slow_bytes_per_s is not None and not no_body:
+                self.throttle = Throttle(
+                    decision.slow_bytes_per_s, self.client.write, self._pause_upstream_reading
+                )
+                self.flush_head()
+
+    def _pause_upstream_reading(self, pause: bool) -> None:
+        if self.upstream is not None:
+            if pause:
+                self.upstream.pause_reading()
+            else:
+                self.upstream.resume_reading()
+
+    def _hold_for_model_fault(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes, bytes]],
+        content_length: bytes | None,
+        parts: list[bytes],
+    ) -> bool:
+        """Buffers a JSON answer so a model fault can rewrite it (its length changes)."""
+        plan = self.plan
+        assert plan is not None
+        limit = plan.limits.shadow_body_max_bytes
+        is_json = any(n == b"content-type" and b"json" in v for n, _, v in headers)
+        if not (200 <= status < 300 and is_json):
+            return False
+        if content_length is not None and int(content_length) > limit:
+            return False
+        self.model_head = parts
+        return True
 
     def flush_head(self) -> None:
         """End of an upstream read: a head not yet followed by body goes out now (streams)."""
@@ -526,6 +789,10 @@ class Exchange:
         if self.done or self.no_response_body:
             return
         self.upstream_activity = self.client.gateway.loop.time()
+        if self.shadow is not None:
+            self.shadow.add_primary_body(data)
+        if self.chaos is not None and self._faulted_body(data):
+            return
         head = self.pending_head
         if head is not None:
             self.pending_head = None
@@ -538,14 +805,89 @@ class Exchange:
         else:
             self.client.write(data)
 
+    def _faulted_body(self, data: bytes) -> bool:
+        """Applies the response-side chaos faults; True when it consumed `data`."""
+        decision = self.chaos
+        assert decision is not None
+        if self.model_head is not None:
+            self.model_body.append(data)
+            return True
+        truncate = decision.truncate_bytes
+        if truncate is not None:
+            room = truncate - self.sent_body
+            if len(data) >= room:
+                # The client gets the first `truncate_bytes` of the body, then a cut.
+                self.flush_head()
+                self._write_body(data[: max(room, 0)])
+                self._truncated()
+                return True
+            self.sent_body += len(data)
+        if self.throttle is not None:
+            self.flush_head()
+            if self.client_chunked:
+                self.throttle.push(b"%x\r\n%s\r\n" % (len(data), data))
+            else:
+                self.throttle.push(data)
+            return True
+        return False
+
+    def _write_body(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.client_chunked:
+            self.client.writelines([b"%x\r\n" % len(data), data, b"\r\n"])
+        else:
+            self.client.write(data)
+
+    def _truncated(self) -> None:
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            conn.abort()
+        self.keep_alive = False
+        if self.shadow is not None:
+            self.shadow.primary_abandoned()
+        self._count()
+        self._finish()
+        self.client.close()
+
+    def _complete_model_fault(self) -> None:
+        decision = self.chaos
+        parts = self.model_head
+        assert decision is not None and decision.model is not None and parts is not None
+        body = b"".join(self.model_body)
+        rng = decision.rng
+        assert rng is not None
+        faulted = mutate_json(body, decision.model, rng)
+        if faulted is not None:
+            body = faulted
+        if not self.client.gateway.accepting:
+            self.keep_alive = False
+        parts += (b"content-length: %d\r\n" % len(body), self._gateway_headers())
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        elif self.version == "1.0":
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self.client.writelines([b"".join(parts), body])
+
     def response_complete(self) -> None:
         if self.done:
             return
+        if self.model_head is not None:
+            self._complete_model_fault()
+            self.model_head = None
         conn = self.upstream
         self.upstream = None
         head = self.pending_head
         self.pending_head = None
-        if self.client_chunked:
+        throttle = self.throttle
+        if throttle is not None:
+            if head is not None:
+                self.client.write(head)
+            if self.client_chunked:
+                throttle.push(b"0\r\n\r\n")
+        elif self.client_chunked:
             self.client.writelines([head, b"0\r\n\r\n"] if head else [b"0\r\n\r\n"])
         elif head is not None:
             self.client.write(head)
@@ -557,8 +899,19 @@ class Exchange:
                 # framing can be trusted for another request.
                 conn.close()
                 self.keep_alive = False
+        if self.shadow is not None:
+            self.shadow.primary_complete(self.client.gateway.loop.time())
+        if throttle is not None:
+            # The exchange ends when the throttled body has reached the client.
+            throttle.finish(self._finish_after_throttle)
+            return
         self._count()
         self._finish()
+
+    def _finish_after_throttle(self) -> None:
+        if not self.done:
+            self._count()
+            self._finish()
 
     def upstream_pause_writing(self) -> None:
         self.client.pause_reading_for(self)
@@ -578,17 +931,19 @@ class Exchange:
             self.keep_alive = False
         self.responded = True
         self.response_status = status
-        self.client.write(
-            error_response(
-                status,
-                code,
-                detail,
-                self.request_id.decode("ascii", "replace"),
-                keep_alive=self.keep_alive,
-                head_only=self.method == b"HEAD",
-                extra_headers=self.route.route_header if self.route is not None else b"",
-            )
+        response = error_response(
+            status,
+            code,
+            detail,
+            self.request_id.decode("ascii", "replace"),
+            keep_alive=self.keep_alive,
+            head_only=self.method == b"HEAD",
+            extra_headers=self._tag_headers(),
         )
+        self.client.write(response)
+        if self.shadow is not None:
+            body = response.partition(b"\r\n\r\n")[2]
+            self.shadow.primary_failed(status, body, self.client.gateway.loop.time())
         self._count()
         self._finish()
 
@@ -601,6 +956,8 @@ class Exchange:
     def _finish(self) -> None:
         self.done = True
         self.client.gateway.inflight.discard(self)
+        if self.chaos is not None:
+            self._release_chaos()
         self.body_chunks = []
         self.replay = None
         self.client.exchange_done(self)
@@ -611,6 +968,10 @@ class Exchange:
             return
         self.done = True
         self.client.gateway.inflight.discard(self)
+        if self.chaos is not None:
+            self._release_chaos()
+        if self.shadow is not None:
+            self.shadow.primary_abandoned()
         conn = self.upstream
         self.upstream = None
         if conn is not None:

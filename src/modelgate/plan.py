@@ -13,8 +13,18 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from modelgate.config import GatewayConfig, LimitsSpec, RouteSpec, UpstreamSpec
-from modelgate.core import VariantTable
+from modelgate.config import (
+    ChaosRule,
+    CompareSpec,
+    ExperimentSpec,
+    GatewayConfig,
+    LimitsSpec,
+    RouteSpec,
+    UpstreamSpec,
+    route_experiments,
+)
+from modelgate.core import Layer, VariantTable
+from modelgate.targeting import Targeting, compile_targeting
 from modelgate.unit import UnitSource, parse_unit_sources
 
 __all__ = [
@@ -53,6 +63,7 @@ class VariantTarget:
     name: str
     upstream: str
     assignment: bytes  # b"ranker=control", the x-modelgate-variant value
+    routes_traffic: bool = True  # False: a flag variant that leaves the route's upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +73,22 @@ class CompiledExperiment:
     table: VariantTable
     variants: tuple[VariantTarget, ...]
     by_name: dict[str, int]
+    targeting: Targeting
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledShadow:
+    """One shadow of a route, with its sampling threshold in basis points."""
+
+    name: str  # unique within the route; the upstream's name unless set
+    upstream: str
+    threshold: int  # a request is teed when its sample bucket < threshold (0..10000)
+    sample_by: str  # "unit" or "request"
+    salt: str  # for sample_by unit: bucket(salt, unit), so the same users are teed
+    methods: frozenset[bytes] | None
+    timeout_s: float
+    max_inflight: int
+    compare: CompareSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +102,12 @@ class CompiledRoute:
     unit_fallback: str
     needs_body_for_unit: bool
     upstream: str | None
-    experiment: CompiledExperiment | None
+    experiment: CompiledExperiment | None  # the first of `experiments`
     route_header: bytes  # b"x-modelgate-route: predict\r\n"
     spec: RouteSpec
+    shadows: tuple[CompiledShadow, ...] = ()
+    chaos: tuple[ChaosRule, ...] = ()
+    experiments: tuple[CompiledExperiment, ...] = ()
 
     def matches(
         self, method: bytes, path: bytes, headers: Sequence[tuple[bytes, bytes, bytes]]
@@ -140,26 +170,76 @@ def _upstream_target(name: str, spec: UpstreamSpec) -> UpstreamTarget:
     )
 
 
-def _compile_route(index: int, spec: RouteSpec) -> CompiledRoute:
-    experiment = None
-    if spec.experiment is not None:
-        exp = spec.experiment
-        table = VariantTable([v.weight for v in exp.variants])
-        variants = tuple(
-            VariantTarget(
-                name=v.name,
-                upstream=v.upstream if v.upstream is not None else str(spec.upstream),
-                assignment=f"{exp.name}={v.name}".encode(),
+def _compile_shadows(
+    spec: RouteSpec, upstreams: dict[str, UpstreamTarget]
+) -> tuple[CompiledShadow, ...]:
+    shadows = []
+    for shadow in spec.shadows:
+        name = shadow.name or shadow.upstream
+        target = upstreams[shadow.upstream]
+        shadows.append(
+            CompiledShadow(
+                name=name,
+                upstream=shadow.upstream,
+                threshold=int(round(shadow.sample * 10000)),
+                sample_by=shadow.sample_by,
+                salt=f"shadow:{spec.name}:{name}",
+                methods=frozenset(m.encode("ascii") for m in shadow.methods)
+                if shadow.methods is not None
+                else None,
+                timeout_s=(shadow.timeout_ms / 1000.0)
+                if shadow.timeout_ms is not None
+                else target.timeout_s,
+                max_inflight=shadow.max_inflight,
+                compare=shadow.compare,
             )
-            for v in exp.variants
         )
-        experiment = CompiledExperiment(
-            name=exp.name,
-            salt=exp.effective_salt,
-            table=table,
-            variants=variants,
-            by_name={v.name: i for i, v in enumerate(exp.variants)},
+    return tuple(shadows)
+
+
+def _compile_experiment(
+    route: RouteSpec, exp: ExperimentSpec, layers: dict[str, Layer]
+) -> CompiledExperiment:
+    variants = tuple(
+        VariantTarget(
+            name=v.name,
+            upstream=v.upstream if v.upstream is not None else str(route.upstream),
+            assignment=f"{exp.name}={v.name}".encode(),
+            routes_traffic=v.upstream is not None,
         )
+        for v in exp.variants
+    )
+    targeting = compile_targeting(exp, layers)
+    return CompiledExperiment(
+        name=exp.name,
+        salt=exp.effective_salt,
+        table=targeting.table,
+        variants=variants,
+        by_name={v.name: i for i, v in enumerate(exp.variants)},
+        targeting=targeting,
+    )
+
+
+def _compile_layers(config: GatewayConfig) -> dict[str, Layer]:
+    """One bucket space per layer name, split between its experiments in config order."""
+    allocations: dict[str, list[tuple[str, float]]] = {}
+    for route in config.routes:
+        for _, exp in route_experiments(route):
+            if exp.layer is not None and exp.layer_share is not None:
+                allocations.setdefault(exp.layer, []).append((exp.name, exp.layer_share))
+    return {name: Layer(name, shares) for name, shares in allocations.items()}
+
+
+def _compile_route(
+    index: int,
+    spec: RouteSpec,
+    upstreams: dict[str, UpstreamTarget],
+    layers: dict[str, Layer],
+) -> CompiledRoute:
+    experiments = tuple(
+        _compile_experiment(spec, exp, layers) for _, exp in route_experiments(spec)
+    )
+    experiment = experiments[0] if experiments else None
     sources = parse_unit_sources(spec.unit)
     methods = (
         frozenset(m.encode("ascii") for m in spec.match.methods)
@@ -177,24 +257,32 @@ def _compile_route(index: int, spec: RouteSpec) -> CompiledRoute:
         ),
         unit_sources=sources,
         unit_fallback=spec.unit_fallback,
-        needs_body_for_unit=any(s.kind == "json" for s in sources) and experiment is not None,
+        needs_body_for_unit=any(s.kind == "json" for s in sources)
+        and (experiment is not None or any(sh.sample_by == "unit" for sh in spec.shadows)),
         upstream=spec.upstream,
         experiment=experiment,
         route_header=b"x-modelgate-route: " + spec.name.encode("ascii") + b"\r\n",
         spec=spec,
+        shadows=_compile_shadows(spec, upstreams),
+        chaos=tuple(spec.chaos),
+        experiments=experiments,
     )
 
 
 def compile_plan(config: GatewayConfig, version: int = 1) -> Plan:
     """Builds every table a request will read; the config is already validated."""
-    routes = tuple(_compile_route(i, spec) for i, spec in enumerate(config.routes))
-    experiments = {r.experiment.name: r.experiment for r in routes if r.experiment is not None}
+    upstreams = {name: _upstream_target(name, spec) for name, spec in config.upstreams.items()}
+    layers = _compile_layers(config)
+    routes = tuple(
+        _compile_route(i, spec, upstreams, layers) for i, spec in enumerate(config.routes)
+    )
+    experiments = {e.name: e for r in routes for e in r.experiments}
     return Plan(
         version=version,
         digest=config_digest(config),
         config=config,
         routes=routes,
-        upstreams={name: _upstream_target(name, spec) for name, spec in config.upstreams.items()},
+        upstreams=upstreams,
         force_header=config.force.header.encode("latin-1") if config.force.enabled else None,
         limits=config.limits,
         experiments=experiments,
