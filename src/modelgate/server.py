@@ -19,10 +19,12 @@ from pathlib import Path
 
 import uvloop
 
+from modelgate.chaos import ChaosRuntime
 from modelgate.config import ConfigError, GatewayConfig, load_config
 from modelgate.connection import ClientConnection
 from modelgate.exchange import Exchange
 from modelgate.plan import Plan, compile_plan
+from modelgate.shadow import ShadowDispatcher
 from modelgate.telemetry import Counters
 from modelgate.upstream import UpstreamRegistry
 
@@ -50,6 +52,8 @@ class Gateway:
         self.connections: set[ClientConnection] = set()
         self.inflight: set[Exchange] = set()  # exchanges waiting on an upstream
         self.counters = Counters()
+        self.shadows = ShadowDispatcher()  # its diff-log sink is attached by whoever serves
+        self.chaos = ChaosRuntime()
         self.accepting = True
         self.body_timeout_s = plan.limits.client_body_timeout_ms / 1000.0
         self.servers: list[asyncio.AbstractServer] = []
@@ -147,6 +151,7 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self.registry.close()
+        self.shadows.close()
         return clean
 
     def status(self) -> dict[str, object]:
