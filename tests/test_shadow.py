@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import orjson
 import xxhash
 
+from modelgate.difflog import DIFF_DTYPE, read_difflog
 from modelgate.mock import MockSettings
 from modelgate.shadow import ShadowPair
 
@@ -196,3 +199,50 @@ async def test_shadow_timeout_is_recorded() -> None:
                 assert response.status == 200
         await settle(stack)
     assert [p.shadow_answer.error for p in sink.pairs] == ["timeout"]
+
+
+def test_pairs_land_in_the_diff_log(tmp_path: Path) -> None:
+    @async_test
+    async def run() -> None:
+        config = shadow_config(compare={"fields": ["/label"]})
+        config["log_dir"] = str(tmp_path)
+        async with gateway_stack(config, MOCKS) as stack, aiohttp.ClientSession() as session:
+            for i in range(50):
+                async with session.post(
+                    stack.url + "/predict", json={"i": i}, headers={"x-user-id": f"u{i}"}
+                ) as response:
+                    assert response.status == 200
+            await settle(stack)
+        # gateway_stack drained the gateway, which flushed and closed the writer.
+
+    run()
+    records, names = read_difflog(tmp_path)
+    raw = np.concatenate([np.fromfile(f, dtype=DIFF_DTYPE) for f in sorted(tmp_path.glob("*.bin"))])
+    assert len(records) == len(raw) == 50
+    verdicts = {names.verdicts[v] for v in records["verdict"]}
+    # model-c disagrees with model-a/model-b on some labels (the mock's drift), not all.
+    assert verdicts <= {"equal", "differs"} and "equal" in verdicts
+    assert set(records["primary_status"]) == {200}
+
+
+def test_an_unwritable_log_dir_does_not_stop_the_gateway(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory", encoding="utf-8")
+
+    @async_test
+    async def run() -> None:
+        config = shadow_config()
+        config["log_dir"] = str(blocker / "logs")
+        async with gateway_stack(config, MOCKS) as stack, aiohttp.ClientSession() as session:
+            for i in range(20):
+                async with session.post(
+                    stack.url + "/predict", json={}, headers={"x-user-id": f"u{i}"}
+                ) as response:
+                    assert response.status == 200
+            await settle(stack)
+            writer = stack.gateway.shadows.writer
+            assert writer is not None
+            await asyncio.sleep(1.5)  # the writer's flush interval
+            assert writer.stats()["write_errors"] >= 1
+
+    run()

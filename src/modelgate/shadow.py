@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from modelgate.core import bucket
+from modelgate.difflog import DiffLogWriter
 from modelgate.upstream import UpstreamRegistry
 
 if TYPE_CHECKING:
@@ -76,7 +77,11 @@ class ShadowDispatcher:
     """Per gateway process: the shadow pools, in-flight accounting, timeouts and counters."""
 
     def __init__(self, sink: PairSink | None = None) -> None:
+        # Without an explicit sink, the first pair opens a DiffLogWriter in the Plan's
+        # log_dir: a gateway without shadows never creates log files.
         self.sink = sink
+        self.log_dir: str | None = None
+        self.writer: DiffLogWriter | None = None
         self.registry = UpstreamRegistry()
         self.applied_version = -1
         self.states: dict[tuple[str, str], _ShadowState] = {}
@@ -98,6 +103,7 @@ class ShadowDispatcher:
         }
         self.registry.apply(targets)
         self.applied_version = plan.version
+        self.log_dir = plan.config.log_dir
 
     def begin(
         self,
@@ -156,6 +162,10 @@ class ShadowDispatcher:
                 call.check_timeout(now)
 
     def emit(self, pair: ShadowPair) -> None:
+        if self.sink is None and self.log_dir is not None:
+            self.writer = DiffLogWriter(self.log_dir)
+            self.writer.start()
+            self.sink = self.writer
         sink = self.sink
         if sink is None:
             self.count(pair.route, pair.shadow, "dropped_no_sink")
@@ -166,6 +176,10 @@ class ShadowDispatcher:
         for call in list(self.calls):
             call.finish("unavailable")
         self.registry.close()
+        if self.writer is not None:
+            self.writer.close(timeout=2.0)  # flushes what is queued, bounded
+            self.writer = None
+            self.sink = None
         if self._watchdog is not None:
             self._watchdog.cancel()
 

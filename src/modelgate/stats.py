@@ -1,0 +1,34 @@
+"""Statistics to judge an A/B experiment: tests, intervals, SRM and multiple testing.
+
+Imports nothing else of modelgate (numpy and scipy only); arm a is the baseline, b the candidate.
+"""
+
+from ._stats_summary import SummaryStats
+from ._stats_tests import (
+    MannWhitneyAlternative,
+    MannWhitneyResult,
+    ProportionResult,
+    SRMResult,
+    WelchResult,
+    benjamini_hochberg,
+    holm,
+    mann_whitney,
+    proportion_test,
+    srm_test,
+    welch_test,
+)
+
+__all__ = [
+    "MannWhitneyAlternative",
+    "MannWhitneyResult",
+    "ProportionResult",
+    "SRMResult",
+    "SummaryStats",
+    "WelchResult",
+    "benjamini_hochberg",
+    "holm",
+    "mann_whitney",
+    "proportion_test",
+    "srm_test",
+    "welch_test",
+]
