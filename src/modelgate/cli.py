@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     difflog = commands.add_parser("difflog", help="read shadow diff logs: summarize, show, export")
     configure_difflog(difflog)
+
+    from modelgate.bench import configure_parser as configure_bench
+    from modelgate.bench import run_from_args as run_bench_from_args
+
+    bench = commands.add_parser("bench", help="drive a target at a fixed rate or concurrency")
+    configure_bench(bench)
+    bench.set_defaults(func=run_bench_from_args)
     return parser
 
 
