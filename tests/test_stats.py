@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps  # type: ignore[import-untyped]
 
@@ -25,12 +25,17 @@ from modelgate.stats import (
     benjamini_hochberg,
     holm,
     mann_whitney,
+    power,
+    proportion_power,
+    proportion_sample_size,
     proportion_test,
+    sample_size,
     srm_test,
     welch_test,
 )
 
 FAST = settings(deadline=None, max_examples=150)
+SOLVE = settings(deadline=None, max_examples=60)  # each example runs a root search
 SRC = Path(ms.__file__).parent
 
 # R's `sleep` data set: extra hours of sleep under two drugs, 10 patients each.
@@ -290,6 +295,91 @@ def test_p_adjust_properties(p: list[float]) -> None:
     assert np.all(hm <= np.minimum(1.0, raw * len(p)))  # never worse than Bonferroni
 
 
+# --- power and sample size ---
+
+
+def test_power_t_test_r_examples() -> None:
+    # R's ?power.t.test examples, as R prints them.
+    assert power(20, 1.0, 1.0) == pytest.approx(0.8689528, rel=1e-6)
+    assert sample_size(1.0, 1.0, power=0.90) == pytest.approx(22.02110, rel=1e-6)
+    assert sample_size(1.0, 1.0, power=0.90, alternative="one-sided") == pytest.approx(
+        17.84713, rel=1e-6
+    )
+
+
+def test_power_prop_test_r_examples() -> None:
+    # R's ?power.prop.test examples; their comments give n = 76.7 and the rest as below.
+    # (76.65294, sometimes quoted for this case, is Cohen's arcsine h method, not R's.)
+    assert proportion_power(50, 0.50, 0.75) == pytest.approx(0.7401659, rel=1e-6)
+    n = proportion_sample_size(0.50, 0.75, power=0.90)
+    assert n == pytest.approx(76.7, abs=0.05)
+    assert round(proportion_sample_size(0.5, 0.501, alpha=0.001, power=0.90)) == 10451937
+    assert proportion_sample_size(0.90, 1.0, power=0.8) == pytest.approx(73.37, abs=0.005)
+    # The non-strict power inverts in closed form (Fleiss): an exact check of the root.
+    root = 1.959963984540054 * math.sqrt(2 * 0.625 * 0.375) + sps.norm.ppf(0.9) * math.sqrt(0.4375)
+    assert n == pytest.approx((root / 0.25) ** 2, rel=1e-10)
+
+
+def test_power_is_alpha_at_no_effect_when_strict() -> None:
+    assert power(30, 0.0, 1.0) == pytest.approx(0.025, rel=1e-9)  # R's default: one tail
+    assert power(30, 0.0, 1.0, strict=True) == pytest.approx(0.05, rel=1e-9)
+    assert power(30, 0.3, 1.0, strict=True) > power(30, 0.3, 1.0)
+    assert proportion_power(30, 0.4, 0.4, strict=True) == pytest.approx(0.05, rel=1e-9)
+    assert power(30, -0.5, 1.0) == power(30, 0.5, 1.0)
+    assert power(30, -0.5, 1.0, alternative="one-sided") < 0.05
+
+
+def test_sample_size_for_tiny_effects_extends_the_search_like_r() -> None:
+    n = sample_size(0.001, 1.0)  # beyond R's first bracket of 1e7
+    z = sps.norm.ppf(0.975) + sps.norm.ppf(0.8)
+    assert n == pytest.approx(2 * (z / 0.001) ** 2, rel=1e-6)
+    assert power(n, 0.001, 1.0) == pytest.approx(0.8, rel=1e-9)
+
+
+def test_sample_size_refuses_what_has_no_answer() -> None:
+    with pytest.raises(ValueError, match="power at n = 2"):
+        sample_size(20.0, 1.0, power=0.8)
+    with pytest.raises(ValueError, match="delta"):
+        sample_size(0.0, 1.0)
+    with pytest.raises(ValueError, match="delta"):
+        sample_size(-1.0, 1.0, alternative="one-sided")
+    with pytest.raises(ValueError, match="p_a and p_b"):
+        proportion_sample_size(0.3, 0.3)
+
+
+N_ARM = st.floats(2.5, 1e4)
+DELTA = st.floats(0.01, 3.0)
+SD = st.floats(0.1, 10.0)
+
+
+@FAST
+@given(N_ARM, N_ARM, DELTA, SD)
+def test_power_increases_with_n(n1: float, n2: float, delta: float, sd: float) -> None:
+    lo, hi = sorted((n1, n2))
+    assert power(lo, delta, sd) <= power(hi, delta, sd) + 1e-12
+    assert proportion_power(lo, 0.1, 0.1 + delta / 10) <= proportion_power(
+        hi, 0.1, 0.1 + delta / 10
+    )
+
+
+@SOLVE
+@given(N_ARM, st.floats(0.5, 4.0), SD, st.booleans())
+def test_sample_size_inverts_power(n: float, ncp: float, sd: float, strict: bool) -> None:
+    delta = ncp * sd * math.sqrt(2.0 / n)  # a noncentrality that gives a moderate power
+    p = power(n, delta, sd, strict=strict)
+    assume(0.05 < p < 0.99)
+    assert sample_size(delta, sd, power=p, strict=strict) == pytest.approx(n, rel=1e-6)
+
+
+@SOLVE
+@given(N_ARM, st.floats(0.01, 0.98), st.floats(0.005, 0.5))
+def test_proportion_sample_size_inverts_power(n: float, p_a: float, gap: float) -> None:
+    p_b = min(1.0, p_a + gap)
+    p = proportion_power(n, p_a, p_b)
+    assume(0.05 < p < 0.99)
+    assert proportion_sample_size(p_a, p_b, power=p) == pytest.approx(n, rel=1e-6)
+
+
 # --- SummaryStats ---
 
 
@@ -388,6 +478,13 @@ BAD: list[tuple[Callable[..., object], dict[str, Any], str]] = [
     (holm, {"p_values": [0.1, 1.5]}, "p_values"),
     (benjamini_hochberg, {"p_values": [[0.1]]}, "p_values"),
     (benjamini_hochberg, {"p_values": [math.nan]}, "p_values"),
+    (power, {"n": -3}, "n"),
+    (power, {"sd": 0.0}, "sd"),
+    (power, {"delta": math.nan}, "delta"),
+    (power, {"alternative": "less"}, "alternative"),
+    (sample_size, {"power": 1.0}, "power"),
+    (proportion_power, {"p_b": 1.2}, "p_b"),
+    (proportion_sample_size, {"p_a": -0.1}, "p_a"),
     (SummaryStats, {"count": -1}, "count"),
     (SummaryStats, {"count": 2, "nonzero": 3}, "nonzero"),
     (SummaryStats.from_moments, {"m2": -1.0}, "m2"),
@@ -400,6 +497,10 @@ GOOD: dict[Callable[..., object], dict[str, Any]] = {
     srm_test: dict(counts=[10, 12], weights=[1, 1]),
     holm: dict(p_values=[0.1]),
     benjamini_hochberg: dict(p_values=[0.1]),
+    power: dict(n=10, delta=1.0, sd=1.0),
+    sample_size: dict(delta=1.0, sd=1.0),
+    proportion_power: dict(n=10, p_a=0.2, p_b=0.4),
+    proportion_sample_size: dict(p_a=0.2, p_b=0.4),
     SummaryStats: dict(count=2, m1=1.0, m2=0.5),
     SummaryStats.from_moments: dict(n=3, mean=1.0, m2=1.0),
     SummaryStats.from_samples: dict(values=[1.0]),

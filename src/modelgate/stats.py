@@ -1,8 +1,15 @@
-"""Statistics to judge an A/B experiment: tests, intervals, SRM and multiple testing.
+"""Statistics to judge an A/B experiment: tests, intervals, SRM, power and multiple testing.
 
 Imports nothing else of modelgate (numpy and scipy only); arm a is the baseline, b the candidate.
 """
 
+from ._stats_power import (
+    PowerAlternative,
+    power,
+    proportion_power,
+    proportion_sample_size,
+    sample_size,
+)
 from ._stats_summary import SummaryStats
 from ._stats_tests import (
     MannWhitneyAlternative,
@@ -21,6 +28,7 @@ from ._stats_tests import (
 __all__ = [
     "MannWhitneyAlternative",
     "MannWhitneyResult",
+    "PowerAlternative",
     "ProportionResult",
     "SRMResult",
     "SummaryStats",
@@ -28,7 +36,11 @@ __all__ = [
     "benjamini_hochberg",
     "holm",
     "mann_whitney",
+    "power",
+    "proportion_power",
+    "proportion_sample_size",
     "proportion_test",
+    "sample_size",
     "srm_test",
     "welch_test",
 ]
