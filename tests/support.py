@@ -7,16 +7,25 @@ import asyncio
 import contextlib
 import copy
 import functools
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+import aiohttp
 import uvloop
+import yaml
 from aiohttp import web
 
 from modelgate.config import validate_config
+from modelgate.control import ControlPlane
 from modelgate.mock import MockSettings, start_mock
 from modelgate.plan import compile_plan
+from modelgate.process import attach_control
 from modelgate.server import Gateway, bind_socket
 
 P = ParamSpec("P")
@@ -223,3 +232,137 @@ def ab_config(weights: tuple[float, float] = (50, 50), **extra: Any) -> dict[str
     }
     config.update(extra)
     return config
+
+
+@dataclass
+class AdminStack:
+    """A gateway with its control plane and admin API, as `modelgate serve` runs them."""
+
+    stack: Stack
+    control: ControlPlane
+    admin_port: int
+    runner: web.AppRunner
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def complete(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A config as the running one would be written: mock ports, loopback listeners.
+        Unlike `with_ports`, upstreams the config leaves out stay out."""
+        ports = self.stack.upstream_ports
+        full = with_ports(config, {k: v for k, v in ports.items() if k in config["upstreams"]})
+        full.setdefault("listen", "127.0.0.1:0")
+        full.setdefault("admin", "127.0.0.1:0")
+        return full
+
+
+@contextlib.asynccontextmanager
+async def admin_stack(
+    config: dict[str, Any],
+    mocks: dict[str, MockSettings] | None = None,
+    *,
+    token: str | None = None,
+    config_path: Path | None = None,
+    extra_ports: dict[str, int] | None = None,
+) -> AsyncIterator[AdminStack]:
+    """`gateway_stack` plus the control plane and the admin API on an ephemeral port."""
+    async with gateway_stack(config, mocks, extra_ports) as stack:
+        admin_sock = bind_socket("127.0.0.1", 0, reuse_port=False)
+        port = admin_sock.getsockname()[1]
+        control, runner = await attach_control(stack.gateway, config_path, admin_sock, token)
+        try:
+            yield AdminStack(stack, control, port, runner)
+        finally:
+            await runner.cleanup()
+
+
+# --- `modelgate serve` as a subprocess ------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"gateway exited early: {proc.stderr.read() if proc.stderr else ''!r}"
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listening on {port}")
+
+
+def write_config(tmp_path: Path, config: dict[str, Any], name: str = "gateway.yaml") -> Path:
+    """Writes atomically (a temporary file renamed over the old one), as deploy tools do."""
+    path = tmp_path / name
+    staging = tmp_path / f".{name}.tmp"
+    staging.write_text(yaml.safe_dump(config), encoding="utf-8")
+    staging.replace(path)
+    return path
+
+
+def served_config(
+    config: dict[str, Any], upstream_ports: dict[str, int], port: int, admin_port: int
+) -> dict[str, Any]:
+    """A config for a `modelgate serve` process: upstreams at these loopback ports, the
+    proxy on `port` and the admin API on `admin_port`."""
+    full = with_ports(config, upstream_ports)
+    full.update(listen=f"127.0.0.1:{port}", admin=f"127.0.0.1:{admin_port}")
+    return full
+
+
+class ServeProcesses:
+    """`python -m modelgate serve` processes started by a test, killed if still running."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, config: dict[str, Any], *extra: str) -> subprocess.Popen[bytes]:
+        path = write_config(self.tmp_path, config)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "modelgate", "serve", "--config", str(path), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> ServeProcesses:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], what: str, timeout: float = 15.0
+) -> None:
+    """Polls `check` until it is true; fails naming `what` when the time is up."""
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.05)
+    assert await check(), what
+
+
+async def get_json(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with session.get(url) as response:
+        return response.status, await response.json()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from modelgate import __version__
 from modelgate.config import ConfigError, GatewayConfig, load_config
+from modelgate.telemetry import VersionLogFilter
 
 __all__ = ["main"]
 
@@ -25,7 +26,9 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_serve(ns: argparse.Namespace) -> int:
-    from modelgate.server import StartupError, serve, serve_workers
+    from modelgate.process import serve
+    from modelgate.server import StartupError
+    from modelgate.workers import serve_workers
 
     path = Path(ns.config)
     try:
@@ -34,10 +37,11 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         for error in exc.errors:
             print(error, file=sys.stderr)
         return 1
+    workers = ns.workers if ns.workers is not None else config.workers
     try:
-        if ns.workers > 1:
-            return serve_workers(config, path, ns.workers)
-        return serve(config, path)
+        if workers > 1:
+            return serve_workers(config, path, workers, watch=ns.watch)
+        return serve(config, path, watch=ns.watch)
     except StartupError as exc:
         print(f"modelgate: {exc}", file=sys.stderr)
         return 1
@@ -105,8 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers",
         type=_positive_int,
-        default=1,
-        help="processes sharing the port with SO_REUSEPORT (default 1)",
+        default=None,
+        help="processes sharing the port with SO_REUSEPORT (default: the config's workers, 1)",
+    )
+    serve.add_argument(
+        "--watch",
+        action="store_true",
+        help="reload when the config file changes (as SIGHUP does)",
     )
     serve.set_defaults(func=_cmd_serve)
 
@@ -149,9 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     logging.basicConfig(
         level=ns.log_level,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d] v%(config_version)s %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(VersionLogFilter())
     code: int = ns.func(ns)
     return code
 

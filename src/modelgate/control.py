@@ -1,0 +1,437 @@
+"""The control plane: the running config and its version, reloads (validate -> compile ->
+swap, all or nothing), the reload history and last error. It drives a `PlanTarget` (this
+process's Gateway, or the workers) and never sits on the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+import yaml
+
+from modelgate.config import (
+    RESTART_ONLY_KEYS,
+    ConfigError,
+    GatewayConfig,
+    load_config,
+    validate_config,
+)
+from modelgate.core import BUCKETS
+from modelgate.plan import Plan, compile_plan, config_digest
+from modelgate.safety import SafetyReport, safety_report
+from modelgate.telemetry import CountSlice, VersionedTally, VersionLogFilter, merge_exports
+
+__all__ = [
+    "REDACTED",
+    "ControlPlane",
+    "PlanTarget",
+    "ReloadError",
+    "ReloadResult",
+    "parse_document",
+]
+
+log = logging.getLogger("modelgate.control")
+
+REDACTED = "<redacted>"
+HISTORY = 20
+
+
+class PlanTarget(Protocol):
+    """Where a new Plan goes: this process's Gateway, or every worker process."""
+
+    async def apply(self, config: GatewayConfig, plan: Plan) -> None:
+        """Swaps the Plan in everywhere, or raises ReloadError and leaves the old one."""
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """Each serving process: pid, version, digest, connections, alive."""
+
+    async def counters(self) -> list[dict[str, CountSlice]]:
+        """Each serving process's counts by config version."""
+
+    def ready(self) -> bool:
+        """Serving a Plan and accepting connections."""
+
+
+class ReloadError(Exception):
+    """A reload that was refused; the running Plan keeps serving. `kind` says why."""
+
+    def __init__(self, kind: str, errors: Sequence[str]) -> None:
+        self.kind = kind
+        self.errors = list(errors)
+        super().__init__(f"{kind}: " + "; ".join(self.errors))
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    result: str  # "applied" or "unchanged"
+    version: int
+    digest: str
+    previous_version: int
+    source: str
+    safety: SafetyReport | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "result": self.result,
+            "version": self.version,
+            "digest": self.digest,
+            "previous_version": self.previous_version,
+            "source": self.source,
+            "safety": self.safety.to_json() if self.safety is not None else None,
+        }
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+def parse_document(body: bytes, content_type: str) -> Any:
+    """A config sent in a request body: JSON when it says so, else YAML (JSON is YAML too)."""
+    try:
+        if "json" in content_type:
+            return orjson.loads(body)
+        return yaml.safe_load(body.decode("utf-8"))
+    except orjson.JSONDecodeError as exc:
+        raise ReloadError("unparseable", [f"(json) {exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ReloadError("unparseable", [f"(body) not UTF-8 text ({exc.reason})"]) from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "body"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ReloadError("unparseable", [f"(yaml) {where}: {problem}"]) from exc
+
+
+class ControlPlane:
+    """The source of truth for the running config; every reload goes through `apply`."""
+
+    def __init__(self, plan: Plan, target: PlanTarget, config_path: Path | None = None) -> None:
+        self.plan = plan  # the running Plan; its config is the source of truth
+        self.target = target
+        self.config_path = config_path
+        self.started_at = time.time()
+        self.draining = False
+        self.admin_address: tuple[str, int] | None = None  # set once the admin API listens
+        self.reloads = VersionedTally(plan.version)
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self.last_success: dict[str, Any] | None = None
+        self.last_success_time: float | None = None
+        self.last_error: dict[str, Any] | None = None
+        self.last_attempt_ok = True
+        self._lock = asyncio.Lock()  # one reload at a time: versions never interleave
+        self._background: set[asyncio.Task[None]] = set()
+        VersionLogFilter.set_version(plan.version)
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self.plan.config
+
+    @property
+    def version(self) -> int:
+        return self.plan.version
+
+    # --- reload entry points -----------------------------------------------------------
+
+    async def reload_from_file(self, source: str = "file") -> ReloadResult:
+        """Re-reads the config file (SIGHUP, --watch, POST /reload without a body)."""
+        if self.config_path is None:
+            raise self._refuse(
+                source,
+                ReloadError(
+                    "no_config_file",
+                    ["(file): not started from a config file; send the config in the body"],
+                ),
+            )
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            kind = "unparseable" if exc.errors[0].startswith(("(yaml)", "(file)")) else "invalid"
+            raise self._refuse(source, ReloadError(kind, exc.errors)) from exc
+        return await self.apply(config, source)
+
+    async def reload_from_document(self, raw: Any, source: str) -> ReloadResult:
+        """A config given as parsed JSON/YAML (POST /reload with a body)."""
+        if isinstance(raw, dict) and raw.get("admin_token") == REDACTED:
+            # A config fetched from GET /config comes back with the token hidden: keep ours.
+            raw = {**raw, "admin_token": self.config.admin_token}
+        try:
+            config = validate_config(raw)
+        except ConfigError as exc:
+            raise self._refuse(source, ReloadError("invalid", exc.errors)) from exc
+        return await self.apply(config, source)
+
+    async def reload_from_body(self, body: bytes, content_type: str, source: str) -> ReloadResult:
+        """POST /reload with a JSON or YAML config in the body."""
+        try:
+            raw = parse_document(body, content_type)
+        except ReloadError as exc:
+            raise self._refuse(source, exc) from exc
+        return await self.reload_from_document(raw, source)
+
+    async def set_weights_from_body(self, experiment: str, body: bytes) -> ReloadResult:
+        """PUT /experiments/{name}/weights with `{"weights": {...}}` or `{"weights": [...]}`."""
+        try:
+            document = parse_document(body, "application/json")
+        except ReloadError as exc:
+            raise self._refuse(f"PUT /experiments/{experiment}/weights", exc) from exc
+        if not isinstance(document, dict) or "weights" not in document:
+            raise self._refuse(
+                f"PUT /experiments/{experiment}/weights",
+                ReloadError(
+                    "invalid",
+                    ['(body): expected {"weights": {"variant": weight}} or {"weights": [...]}'],
+                ),
+            )
+        return await self.set_weights(experiment, document["weights"])
+
+    async def set_weights(self, experiment: str, weights: Any) -> ReloadResult:
+        """PUT /experiments/{name}/weights: the running config with new weights, applied
+        like any reload. The file is not rewritten."""
+        source = f"PUT /experiments/{experiment}/weights"
+        raw = self.config.model_dump(mode="json")
+        for route in raw["routes"]:
+            spec = route.get("experiment")
+            if spec is not None and spec["name"] == experiment:
+                break
+        else:
+            names = sorted(r.experiment.name for r in self.config.routes if r.experiment)
+            raise self._refuse(
+                source,
+                ReloadError(
+                    "unknown_experiment",
+                    [f"(path): no experiment named {experiment!r} (running: {names})"],
+                ),
+            )
+        errors = _apply_weights(spec["variants"], weights)
+        if errors:
+            raise self._refuse(source, ReloadError("invalid", errors))
+        return await self.reload_from_document(raw, source)
+
+    def reload_in_background(self, source: str) -> None:
+        """SIGHUP and --watch: reload without a caller to answer; the outcome is logged."""
+
+        async def run() -> None:
+            try:
+                await self.reload_from_file(source)
+            except ReloadError:
+                pass  # already logged and recorded by _refuse
+
+        task = asyncio.get_running_loop().create_task(run())
+        # The loop keeps only a weak reference to tasks: hold this one until it is done.
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- the one way a config is applied ---------------------------------------------
+
+    async def apply(self, config: GatewayConfig, source: str) -> ReloadResult:
+        """Checks restart-only keys, compiles, and swaps the new Plan in everywhere."""
+        async with self._lock:
+            running = self.config
+            changed = [k for k in RESTART_ONLY_KEYS if getattr(config, k) != getattr(running, k)]
+            if changed:
+                raise self._refuse(
+                    source,
+                    ReloadError(
+                        "restart_required", [_restart_message(k, running, config) for k in changed]
+                    ),
+                )
+            previous = self.plan.version
+            digest = config_digest(config)
+            if digest == self.plan.digest:
+                self.reloads.count("unchanged")
+                self.last_attempt_ok = True
+                log.info("reload from %s: no change, still version %d", source, previous)
+                return ReloadResult("unchanged", previous, digest, previous, source, None)
+            try:
+                plan = compile_plan(config, version=previous + 1)
+            except Exception as exc:  # a validated config should compile; say so if not
+                raise self._refuse(source, ReloadError("invalid", [f"(compile) {exc!r}"])) from exc
+            report = safety_report(running, config)
+            try:
+                await self.target.apply(config, plan)
+            except ReloadError as exc:
+                raise self._refuse(source, exc) from exc
+            self.reloads.count("ok")
+            self.plan = plan
+            self.reloads.begin_version(plan.version)
+            VersionLogFilter.set_version(plan.version)
+            now = time.time()
+            self.last_attempt_ok = True
+            self.last_success_time = now
+            self.last_success = {"version": plan.version, "time": _when(now), "source": source}
+            self.history.append({**self.last_success, "digest": plan.digest, "result": "ok"})
+            lines = report.lines()
+            log.info(
+                "reloaded from %s: version %d -> %d (%s)%s",
+                source,
+                previous,
+                plan.version,
+                plan.digest,
+                "".join(f"\n  {line}" for line in lines),
+            )
+            return ReloadResult("applied", plan.version, plan.digest, previous, source, report)
+
+    def _refuse(self, source: str, error: ReloadError) -> ReloadError:
+        """Records a refused reload (status, metric, log) and hands the error back to raise."""
+        self.reloads.count(error.kind)
+        self.last_attempt_ok = False
+        now = time.time()
+        self.last_error = {
+            "time": _when(now),
+            "source": source,
+            "kind": error.kind,
+            "errors": error.errors,
+            "serving_version": self.plan.version,
+        }
+        self.history.append({**self.last_error, "result": error.kind})
+        log.error(
+            "reload from %s refused (%s), still serving version %d:%s",
+            source,
+            error.kind,
+            self.plan.version,
+            "".join(f"\n  {e}" for e in error.errors),
+        )
+        return error
+
+    # --- what the admin API shows ---------------------------------------------------
+
+    def running_config(self) -> dict[str, Any]:
+        """The running config as JSON, secrets redacted."""
+        raw = self.config.model_dump(mode="json")
+        if raw.get("admin_token") is not None:
+            raw["admin_token"] = REDACTED
+        return raw
+
+    def file_state(self) -> dict[str, Any]:
+        """Whether the config file still says what is running (PUT weights makes it differ)."""
+        if self.config_path is None:
+            return {"path": None, "differs_from_running": None, "error": None}
+        try:
+            digest = config_digest(load_config(self.config_path))
+        except ConfigError as exc:
+            return {
+                "path": str(self.config_path),
+                "differs_from_running": None,
+                "error": exc.errors,
+            }
+        return {
+            "path": str(self.config_path),
+            "digest": digest,
+            "differs_from_running": digest != self.plan.digest,
+            "error": None,
+        }
+
+    async def counts(self) -> dict[str, CountSlice]:
+        return merge_exports(await self.target.counters())
+
+    async def status(self) -> dict[str, Any]:
+        plan = self.plan
+        workers, counts = await asyncio.gather(self.target.workers(), self.counts())
+        totals = self.reloads.totals()
+        return {
+            "version": plan.version,
+            "digest": plan.digest,
+            "pid": os.getpid(),
+            "started_at": _when(self.started_at),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "ready": self.ready(),
+            "draining": self.draining,
+            "config_file": self.file_state(),
+            "routes": _route_summary(plan, counts),
+            "workers": workers,
+            "last_reload": self.last_success,
+            "last_reload_error": self.last_error,
+            "reloads": {
+                "ok": totals["ok"],
+                "unchanged": totals["unchanged"],
+                "failed": sum(n for k, n in totals.items() if k not in ("ok", "unchanged")),
+            },
+            "history": list(self.history),
+        }
+
+    def ready(self) -> bool:
+        return not self.draining and self.target.ready()
+
+
+def _restart_message(key: str, running: GatewayConfig, new: GatewayConfig) -> str:
+    if key == "admin_token":
+        return "admin_token: changing it needs a restart; nothing was applied"
+    return (
+        f"{key}: changing it needs a restart (running {getattr(running, key)!r}, "
+        f"new {getattr(new, key)!r}); nothing was applied"
+    )
+
+
+def _apply_weights(variants: list[dict[str, Any]], weights: Any) -> list[str]:
+    """Writes `weights` (a mapping by variant name, or a list in variant order) into the
+    variants; returns every problem found, each with its key path."""
+    names = [v["name"] for v in variants]
+    if isinstance(weights, list):
+        if len(weights) != len(names):
+            return [
+                f"weights: expected {len(names)} weights, one per variant {names}, "
+                f"got {len(weights)}"
+            ]
+        weights = dict(zip(names, weights, strict=True))
+    if not isinstance(weights, dict) or not weights:
+        return ["weights: expected a mapping {variant: weight} or a list in variant order"]
+    errors = []
+    for name, weight in weights.items():
+        if name not in names:
+            errors.append(f"weights.{name}: unknown variant {name!r} (variants: {names})")
+        elif isinstance(weight, bool) or not isinstance(weight, int | float):
+            errors.append(f"weights.{name}: expected a number, got {weight!r}")
+        else:
+            variants[names.index(name)]["weight"] = weight
+    return errors
+
+
+def _route_summary(plan: Plan, counts: dict[str, CountSlice]) -> list[dict[str, Any]]:
+    by_route: dict[str, dict[str, Any]] = {}
+    for counted in counts.values():
+        for (route_name, variant, status), n in counted.responses.items():
+            entry = by_route.setdefault(route_name, {"total": 0, "by_variant": {}, "by_class": {}})
+            entry["total"] += n
+            if variant:
+                entry["by_variant"][variant] = entry["by_variant"].get(variant, 0) + n
+            status_class = f"{status // 100}xx"
+            entry["by_class"][status_class] = entry["by_class"].get(status_class, 0) + n
+    out = []
+    for route in plan.routes:
+        summary: dict[str, Any] = {
+            "name": route.name,
+            "path_prefix": route.spec.match.path_prefix,
+            "upstream": route.upstream,
+            "experiment": None,
+            "shadows": [s.upstream for s in route.spec.shadows],
+            "chaos": [c.name for c in route.spec.chaos],
+            "requests": by_route.get(route.name, {"total": 0, "by_variant": {}, "by_class": {}}),
+        }
+        exp = route.experiment
+        if exp is not None:
+            bounds = (0, *exp.table.boundaries)
+            summary["experiment"] = {
+                "name": exp.name,
+                "salt": exp.salt,
+                "variants": [
+                    {
+                        "name": v.name,
+                        "upstream": v.upstream,
+                        "weight": w,
+                        "share": (bounds[i + 1] - bounds[i]) / BUCKETS,
+                    }
+                    for i, (v, w) in enumerate(zip(exp.variants, exp.table.weights, strict=True))
+                ],
+            }
+        out.append(summary)
+    return out

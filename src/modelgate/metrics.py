@@ -1,0 +1,149 @@
+"""The Prometheus exposition: a prometheus_client Collector over a snapshot of the gateway's
+counters (summed over workers) and the control plane's state. Every sample carries
+`config_version`, the version serving when the event was counted (or serving now, for gauges).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from modelgate.telemetry import SCALAR_COUNTERS, CountSlice
+
+__all__ = ["MetricsSnapshot", "render_metrics"]
+
+_SCALAR_HELP = {
+    "unit_fallbacks": "Requests with no unit id that got a random one",
+    "replays": "Requests replayed once on a fresh upstream connection",
+    "bad_requests": "Requests refused as malformed (400)",
+    "client_aborts": "Requests whose client went away before the response",
+    "client_timeouts": "Client connections closed for a header, body or keep-alive timeout",
+    "rejected_connections": "Connections refused at max_connections",
+}
+# Metric names of the scalar counters (without the _total the exposition appends).
+_SCALAR_NAME = {
+    "unit_fallbacks": "modelgate_unit_fallbacks",
+    "replays": "modelgate_upstream_replays",
+    "bad_requests": "modelgate_bad_requests",
+    "client_aborts": "modelgate_client_aborts",
+    "client_timeouts": "modelgate_client_timeouts",
+    "rejected_connections": "modelgate_rejected_connections",
+}
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """Everything one scrape shows, gathered before rendering (workers answer asynchronously;
+    a Collector's collect() cannot await)."""
+
+    version: int
+    digest: str
+    counts: dict[str, CountSlice]
+    reloads: dict[str, dict[str, int]]  # version label -> result -> count
+    last_reload_ok: bool
+    last_success_time: float | None
+    started_at: float
+    workers: list[dict[str, Any]]
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, snap: MetricsSnapshot) -> None:
+        self.snap = snap
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snap
+        now_label = str(snap.version)
+        requests = CounterMetricFamily(
+            "modelgate_requests",
+            "Responses sent, by route, variant and HTTP status code",
+            labels=["config_version", "route", "variant", "code"],
+        )
+        errors = CounterMetricFamily(
+            "modelgate_upstream_errors",
+            "Upstream failures by kind (connect_failed, timeout, reset, ...)",
+            labels=["config_version", "kind"],
+        )
+        scalars = {
+            name: CounterMetricFamily(
+                _SCALAR_NAME[name], _SCALAR_HELP[name], labels=["config_version"]
+            )
+            for name in SCALAR_COUNTERS
+        }
+        for label, counted in sorted(snap.counts.items()):
+            for (route, variant, status), n in sorted(counted.responses.items()):
+                requests.add_metric([label, route, variant, str(status)], n)
+            for kind, n in sorted(counted.upstream_errors.items()):
+                errors.add_metric([label, kind], n)
+            for name in SCALAR_COUNTERS:
+                scalars[name].add_metric([label], counted.scalars.get(name, 0))
+        yield requests
+        yield errors
+        yield from scalars.values()
+
+        reloads = CounterMetricFamily(
+            "modelgate_config_reloads",
+            "Reload attempts by result (ok, unchanged, invalid, unparseable, restart_required...)",
+            labels=["config_version", "result"],
+        )
+        for label, results in sorted(snap.reloads.items()):
+            for result, n in sorted(results.items()):
+                reloads.add_metric([label, result], n)
+        yield reloads
+
+        info = GaugeMetricFamily(
+            "modelgate_config_info",
+            "The running config: its version and content digest (always 1)",
+            labels=["config_version", "digest"],
+        )
+        info.add_metric([now_label, snap.digest], 1)
+        yield info
+        yield _gauge(
+            "modelgate_config_version", "The running config version", now_label, snap.version
+        )
+        yield _gauge(
+            "modelgate_config_last_reload_successful",
+            "1 when the last reload attempt was applied (or none failed yet), else 0",
+            now_label,
+            1 if snap.last_reload_ok else 0,
+        )
+        if snap.last_success_time is not None:
+            yield _gauge(
+                "modelgate_config_last_reload_success_timestamp_seconds",
+                "When the running config was applied (Unix time)",
+                now_label,
+                snap.last_success_time,
+            )
+        yield _gauge(
+            "modelgate_start_time_seconds",
+            "When the gateway started (Unix time)",
+            now_label,
+            snap.started_at,
+        )
+        alive = [w for w in snap.workers if w.get("alive", True)]
+        yield _gauge("modelgate_workers", "Serving processes alive", now_label, len(alive))
+        yield _gauge(
+            "modelgate_open_connections",
+            "Open client connections, summed over workers",
+            now_label,
+            sum(int(w.get("connections", 0)) for w in alive),
+        )
+
+
+def _gauge(name: str, documentation: str, label: str, value: float) -> GaugeMetricFamily:
+    gauge = GaugeMetricFamily(name, documentation, labels=["config_version"])
+    gauge.add_metric([label], value)
+    return gauge
+
+
+def render_metrics(snap: MetricsSnapshot, accept: str = "") -> tuple[bytes, str]:
+    """The exposition in the format the scraper asked for; returns (body, content type)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SnapshotCollector(snap))
+    encoder, content_type = choose_encoder(accept)
+    return encoder(registry), content_type

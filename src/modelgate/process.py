@@ -1,0 +1,162 @@
+"""One gateway process as `modelgate serve` runs it: the Gateway, its control plane and the
+admin API on one uvloop loop; SIGHUP and --watch reload, SIGTERM/SIGINT drain, a second
+stop signal exits at once. `supervise` is shared with the --workers parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from aiohttp import web
+
+from modelgate.admin import bind_admin, check_admin_exposure, resolve_admin_token, start_admin
+from modelgate.config import GatewayConfig
+from modelgate.control import ControlPlane
+from modelgate.plan import Plan, compile_plan
+from modelgate.server import Gateway, bind_socket
+from modelgate.telemetry import CountSlice
+from modelgate.watch import watch_file
+
+__all__ = ["LocalTarget", "attach_control", "serve", "start_gateway", "supervise"]
+
+log = logging.getLogger("modelgate")
+
+
+class LocalTarget:
+    """The control plane's target when one process serves: this process's Gateway."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def apply(self, config: GatewayConfig, plan: Plan) -> None:
+        self.gateway.swap(plan)
+
+    async def workers(self) -> list[dict[str, Any]]:
+        return [self.gateway.status()]
+
+    async def counters(self) -> list[dict[str, CountSlice]]:
+        return [self.gateway.counters.export()]
+
+    def ready(self) -> bool:
+        return self.gateway.accepting
+
+
+async def start_gateway(config: GatewayConfig, sock: socket.socket) -> Gateway:
+    """A Gateway serving `config` on `sock`: what one process or one worker runs."""
+    gateway = Gateway(compile_plan(config), asyncio.get_running_loop())
+    await gateway.listen(sock)
+    return gateway
+
+
+async def attach_control(
+    gateway: Gateway,
+    config_path: Path | None,
+    admin_sock: socket.socket,
+    token: str | None,
+) -> tuple[ControlPlane, web.AppRunner]:
+    """A control plane over `gateway` and its admin API on `admin_sock`."""
+    control = ControlPlane(gateway.plan, LocalTarget(gateway), config_path)
+    runner = await start_admin(control, admin_sock, token)
+    return control, runner
+
+
+async def supervise(
+    control: ControlPlane,
+    admin: web.AppRunner,
+    drain: Callable[[float], Awaitable[int]],
+    *,
+    watch: bool = False,
+    stop: asyncio.Event | None = None,
+    on_second_signal: Callable[[], None] | None = None,
+) -> int:
+    """Serves until a stop signal (or `stop` is set), then drains and returns the exit code.
+    The admin API stays up while draining so /readyz can say 503."""
+    loop = asyncio.get_running_loop()
+    stop = stop if stop is not None else asyncio.Event()
+    signals_seen = 0
+
+    def on_stop_signal() -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second stop signal: exiting at once")
+            if on_second_signal is not None:
+                on_second_signal()
+            os._exit(1)
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop_signal)
+    loop.add_signal_handler(signal.SIGINT, on_stop_signal)
+    loop.add_signal_handler(signal.SIGHUP, control.reload_in_background, "SIGHUP")
+    watcher = None
+    if watch and control.config_path is not None:
+        path = control.config_path
+        watcher = loop.create_task(
+            watch_file(path, lambda: control.reload_in_background(f"--watch {path}"))
+        )
+        log.info("watching %s for changes", path)
+    try:
+        await stop.wait()
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        if watcher is not None:
+            watcher.cancel()
+    control.draining = True
+    timeout = control.plan.limits.drain_timeout_ms / 1000.0
+    log.info("draining (up to %.1f s)", timeout)
+    code = await drain(timeout)
+    await admin.cleanup()
+    log.info("stopped (exit %d)", code)
+    return code
+
+
+async def _run(
+    config: GatewayConfig,
+    config_path: Path | None,
+    sock: socket.socket,
+    admin_sock: socket.socket,
+    token: str | None,
+    watch: bool,
+) -> int:
+    gateway = await start_gateway(config, sock)
+    control, admin = await attach_control(gateway, config_path, admin_sock, token)
+    host, port = sock.getsockname()[:2]
+    log.info(
+        "serving on %s:%d (pid %d, config version %d, digest %s)",
+        host,
+        port,
+        os.getpid(),
+        gateway.plan.version,
+        gateway.plan.digest,
+    )
+
+    async def drain(timeout_s: float) -> int:
+        clean = await gateway.drain(timeout_s)
+        if not clean:
+            log.warning("drain timeout: some connections were cut")
+        return 0
+
+    return await supervise(control, admin, drain, watch=watch)
+
+
+def serve(config: GatewayConfig, config_path: Path | None = None, *, watch: bool = False) -> int:
+    """Runs one gateway process until a stop signal; returns its exit code. Raises
+    StartupError (port taken, admin exposed without a token) before serving anything."""
+    token = resolve_admin_token(config)
+    check_admin_exposure(config, token)
+    host, port = config.listen_address
+    sock = bind_socket(host, port, reuse_port=False)
+    try:
+        admin_sock = bind_admin(config)
+    except BaseException:
+        sock.close()
+        raise
+    return uvloop.run(_run(config, config_path, sock, admin_sock, token, watch))
