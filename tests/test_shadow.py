@@ -217,7 +217,9 @@ def test_pairs_land_in_the_diff_log(tmp_path: Path) -> None:
 
     run()
     records, names = read_difflog(tmp_path)
-    raw = np.concatenate([np.fromfile(f, dtype=DIFF_DTYPE) for f in sorted(tmp_path.glob("*.bin"))])
+    raw = np.concatenate(
+        [np.fromfile(f, dtype=DIFF_DTYPE) for f in sorted(tmp_path.glob("difflog-*.bin"))]
+    )
     assert len(records) == len(raw) == 50
     verdicts = {names.verdicts[v] for v in records["verdict"]}
     # model-c disagrees with model-a/model-b on some labels (the mock's drift), not all.

@@ -497,6 +497,31 @@ class ForceSpec(_Strict):
 RESTART_ONLY_KEYS = ("listen", "admin", "admin_token", "workers")
 
 
+class FeedbackSpec(_Strict):
+    """Outcomes posted back to the gateway (POST `path` on the main listener)."""
+
+    enabled: bool = True
+    path: str = "/_modelgate/feedback"
+    max_batch: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(1024 * 1024, ge=1)
+    # Requests remembered for `{"request_id": ...}` feedback: bounded in count and age.
+    request_id_ttl_s: float = Field(3600.0, gt=0)
+    max_request_ids: int = Field(200_000, ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"must start with '/', got {value!r}")
+        return value
+
+
+class ExposureSpec(_Strict):
+    """One compact record per assignment in log_dir (exposure-*.bin)."""
+
+    enabled: bool = True
+
+
 class GatewayConfig(_Strict):
     listen: str = "127.0.0.1:8080"
     admin: str = "127.0.0.1:8081"
@@ -507,6 +532,8 @@ class GatewayConfig(_Strict):
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     force: ForceSpec = Field(default_factory=ForceSpec)
     chaos: ChaosSettings = Field(default_factory=ChaosSettings)
+    feedback: FeedbackSpec = Field(default_factory=FeedbackSpec)
+    exposures: ExposureSpec = Field(default_factory=ExposureSpec)
     upstreams: dict[Name, UpstreamSpec] = Field(min_length=1)
     routes: list[RouteSpec] = Field(min_length=1)
 

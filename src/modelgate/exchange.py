@@ -9,9 +9,11 @@ connection is attached yet (or when the route needs a JSON field of it for the u
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import httptools
+import orjson
 
 from modelgate.chaos import mutate_json
 from modelgate.faults import Throttle
@@ -22,6 +24,7 @@ from modelgate.http11 import (
     is_valid_request_id,
     status_line,
 )
+from modelgate.outcomes import FeedbackError
 from modelgate.unit import cookie_value, json_field, query_value
 
 if TYPE_CHECKING:
@@ -125,6 +128,8 @@ class Exchange:
         "model_head",
         "model_body",
         "enrolled",
+        "assignments",
+        "body_waiter",
     )
 
     def __init__(self, client: ClientConnection) -> None:
@@ -177,6 +182,8 @@ class Exchange:
         self.model_head: list[bytes] | None = None  # head parts held while a model fault waits
         self.model_body: list[bytes] = []
         self.enrolled = False  # the unit counts in the experiment's analysis
+        self.assignments: list[tuple[str, str, bool]] = []  # (experiment, variant, enrolled)
+        self.body_waiter: Callable[[], None] | None = None  # runs when the body is complete
 
     # --- request body, fed by the client connection -----------------------------------
 
@@ -220,7 +227,10 @@ class Exchange:
                 upstream.write(b"0\r\n\r\n")
         elif self.waiting_for_body:
             self.waiting_for_body = False
-            self._route_and_forward()
+            waiter = self.body_waiter
+            self.body_waiter = None
+            if waiter is not None:
+                waiter()
 
     def body_error(self, status: int, code: str, detail: str) -> None:
         """The request body turned out malformed after the exchange started."""
@@ -271,16 +281,25 @@ class Exchange:
             self._body_too_large()
             return
         path = self.url.split(b"?", 1)[0]
+        if path == plan.feedback_path:
+            self._feedback(plan)
+            return
         route = plan.match(self.method, path, self.headers)
         if route is None:
             self.fail(404, "no_route", f"no route matches {self.method.decode()} {path.decode()}")
             return
         self.route = route
         if route.needs_body_for_unit and not self.body_complete:
-            self.waiting_for_body = True
-            self._send_continue()
+            self._wait_for_body(self._route_and_forward)
             return
         self._route_and_forward()
+
+    def _wait_for_body(self, then: Callable[[], None]) -> None:
+        self.waiting_for_body = True
+        self.body_waiter = then
+        self._send_continue()
+        if self.buffered:
+            self.client.note_buffered(self)  # lifts a buffering pause: the body is awaited
 
     def _route_and_forward(self) -> None:
         route = self.route
@@ -445,6 +464,7 @@ class Exchange:
         for experiment in route.experiments:
             index = self._forced_variant(plan, experiment.name, experiment.by_name)
             enrolled = False
+            index_from_unit = index < 0
             if index < 0:
                 if unit is None:
                     unit = self._unit_or_fallback(route)
@@ -460,9 +480,26 @@ class Exchange:
                 self.variant_name = variant.name
                 self.enrolled = enrolled
             names.append(variant.assignment)
+            self.assignments.append((experiment.name, variant.name, enrolled))
+            if plan.exposures:
+                self.client.gateway.outcomes.expose(
+                    plan,
+                    self.request_id,
+                    unit,
+                    experiment.name,
+                    variant.name,
+                    (1 if enrolled else 0) | (0 if index_from_unit else 2),
+                )
             if upstream is None and variant.routes_traffic:
                 upstream = variant.upstream
+        if not names:
+            return unit, upstream
         self.variant_header = names[0] if len(names) == 1 else b",".join(names)
+        feedback = plan.config.feedback
+        if feedback.enabled and feedback.max_request_ids:
+            self.client.gateway.outcomes.remember(
+                self.request_id, tuple(self.assignments), self.client.gateway.loop.time(), feedback
+            )
         return unit, upstream
 
     def _unit_or_fallback(self, route: CompiledRoute) -> str | None:
@@ -511,6 +548,52 @@ class Exchange:
             session.add_request_body(chunk)
         if self.body_complete:
             session.request_complete(plan, self._shadow_head, self.method)
+
+    def _feedback(self, plan: Plan) -> None:
+        """POST feedback on the main listener: answered by the gateway itself."""
+        if self.method != b"POST":
+            self.fail(405, "method_not_allowed", "feedback takes POST with a JSON body")
+            return
+        limit = plan.config.feedback.max_body_bytes
+        if (self.content_length or 0) > limit or self.body_bytes > limit:
+            self.keep_alive = False
+            self.fail(413, "body_too_large", f"feedback bodies are limited to {limit} bytes")
+            return
+        if not self.body_complete:
+            self._wait_for_body(lambda: self._feedback(plan))
+            return
+        gateway = self.client.gateway
+        try:
+            result = gateway.outcomes.handle_feedback(
+                b"".join(self.body_chunks), plan, gateway.loop.time()
+            )
+        except FeedbackError as exc:
+            self.fail(exc.status, exc.code, exc.detail)
+            return
+        result["request_id"] = self.request_id.decode("ascii", "replace")
+        self._respond_json(202, orjson.dumps(result))
+
+    def _respond_json(self, status: int, body: bytes) -> None:
+        if not self.client.gateway.accepting:
+            self.keep_alive = False
+        self.responded = True
+        self.response_status = status
+        self.client.write(
+            b"".join(
+                (
+                    status_line(status),
+                    b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+                    b"x-request-id: ",
+                    self.request_id,
+                    b"\r\n",
+                    b"" if self.keep_alive else b"connection: close\r\n",
+                    b"\r\n",
+                    body,
+                )
+            )
+        )
+        self._count()
+        self._finish()
 
     def _send_continue(self) -> None:
         if self.expect_continue and not self.body_complete and not self.responded:
@@ -949,9 +1032,16 @@ class Exchange:
 
     def _count(self) -> None:
         route = self.route
-        self.client.gateway.counters.count_response(
+        gateway = self.client.gateway
+        gateway.counters.count_response(
             route.name if route is not None else "", self.variant_name, self.response_status
         )
+        if self.assignments:
+            latency = gateway.loop.time() - self.started_at
+            error = self.response_status >= 500 or self.response_status == 0
+            for experiment, variant, enrolled in self.assignments:
+                if enrolled:
+                    gateway.outcomes.observe(experiment, variant, latency, error)
 
     def _finish(self) -> None:
         self.done = True

@@ -135,6 +135,8 @@ class Plan:
     force_header: bytes | None
     limits: LimitsSpec
     experiments: dict[str, CompiledExperiment] = field(default_factory=dict)
+    feedback_path: bytes | None = None  # None: feedback disabled
+    exposures: bool = True
 
     def match(
         self, method: bytes, path: bytes, headers: Sequence[tuple[bytes, bytes, bytes]]
@@ -286,4 +288,6 @@ def compile_plan(config: GatewayConfig, version: int = 1) -> Plan:
         force_header=config.force.header.encode("latin-1") if config.force.enabled else None,
         limits=config.limits,
         experiments=experiments,
+        feedback_path=config.feedback.path.encode("utf-8") if config.feedback.enabled else None,
+        exposures=config.exposures.enabled,
     )

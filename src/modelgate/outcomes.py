@@ -1,0 +1,315 @@
+"""Outcomes per experiment and variant: feedback posted back to the gateway, joined to the
+variant, and the system metrics the gateway measures itself (latency, errors).
+
+Streaming sufficient statistics only (count, mean and M2 by Welford, count of ones): exact
+under concurrency because one event loop owns them, and across workers because they merge.
+They are keyed by names, not Plan objects, so they survive a reload that keeps the experiment.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import re
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from modelgate.core import xxh64
+from modelgate.exposure import ExposureLog
+
+if TYPE_CHECKING:
+    from modelgate.config import FeedbackSpec
+    from modelgate.plan import Plan
+
+__all__ = [
+    "LATENCY_BUCKETS_S",
+    "FeedbackError",
+    "Moments",
+    "OutcomeStore",
+    "latency_quantile",
+]
+
+# Histogram buckets fit for model servers, 1 ms to 30 s (upper bounds, seconds; +Inf last).
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+_METRIC = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
+
+
+class Moments:
+    """Count, mean, M2 (Welford) and the count of ones, for one stream of values."""
+
+    __slots__ = ("count", "mean", "m2", "ones")
+
+    def __init__(self, count: int = 0, mean: float = 0.0, m2: float = 0.0, ones: int = 0) -> None:
+        self.count = count
+        self.mean = mean
+        self.m2 = m2
+        self.ones = ones
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        delta = value - self.mean
+        self.mean += delta / self.count
+        self.m2 += delta * (value - self.mean)
+        if value == 1.0:
+            self.ones += 1
+
+    def merge(self, other: Moments) -> None:
+        """Chan et al.'s parallel update: merging workers' moments is exact up to rounding."""
+        if other.count == 0:
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean += delta * other.count / total
+        self.m2 += other.m2 + delta * delta * self.count * other.count / total
+        self.count = total
+        self.ones += other.ones
+
+    @property
+    def variance(self) -> float:
+        return self.m2 / (self.count - 1) if self.count > 1 else math.nan
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2, "ones": self.ones}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Moments:
+        return cls(int(data["count"]), float(data["mean"]), float(data["m2"]), int(data["ones"]))
+
+
+@dataclass
+class VariantSystem:
+    """What the gateway measures itself for one experiment variant."""
+
+    requests: int = 0
+    errors: int = 0  # 5xx answered to the client, and connection-level failures
+    latency: Moments | None = None
+    buckets: list[int] | None = None
+
+    def add(self, latency_s: float, error: bool) -> None:
+        if self.latency is None or self.buckets is None:
+            self.latency = Moments()
+            self.buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.requests += 1
+        if error:
+            self.errors += 1
+        self.latency.add(latency_s)
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS_S, latency_s)] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "latency": self.latency.as_dict() if self.latency else Moments().as_dict(),
+            "buckets": list(self.buckets or [0] * (len(LATENCY_BUCKETS_S) + 1)),
+        }
+
+
+def latency_quantile(buckets: list[int], q: float) -> float:
+    """A quantile from histogram buckets, linear inside the bucket (as Prometheus'
+    histogram_quantile does); seconds; NaN without data."""
+    total = sum(buckets)
+    if total == 0:
+        return math.nan
+    rank = q * total
+    running = 0
+    for index, count in enumerate(buckets):
+        if running + count >= rank and count > 0:
+            low = LATENCY_BUCKETS_S[index - 1] if index > 0 else 0.0
+            if index >= len(LATENCY_BUCKETS_S):
+                return LATENCY_BUCKETS_S[-1]
+            high = LATENCY_BUCKETS_S[index]
+            return low + (high - low) * (rank - running) / count
+        running += count
+    return LATENCY_BUCKETS_S[-1]
+
+
+class FeedbackError(Exception):
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+Assignments = tuple[tuple[str, str, bool], ...]  # (experiment, variant, enrolled)
+
+
+class OutcomeStore:
+    """Per process: recent request ids (bounded, time-limited), outcomes, system metrics."""
+
+    def __init__(self) -> None:
+        self.exposures: ExposureLog | None = None  # opened on the first exposure
+        self.recent: OrderedDict[bytes, tuple[float, Assignments]] = OrderedDict()
+        self.outcomes: dict[tuple[str, str, str], Moments] = {}
+        self.system: dict[tuple[str, str], VariantSystem] = {}
+        self.counts: Counter[str] = Counter()
+
+    # --- the request path ----------------------------------------------------------------
+
+    def remember(
+        self, request_id: bytes, assignments: Assignments, now: float, spec: FeedbackSpec
+    ) -> None:
+        recent = self.recent
+        recent[request_id] = (now, assignments)
+        while recent and (
+            len(recent) > spec.max_request_ids
+            or next(iter(recent.values()))[0] < now - spec.request_id_ttl_s
+        ):
+            recent.popitem(last=False)
+
+    def expose(
+        self,
+        plan: Plan,
+        request_id: bytes,
+        unit: str | None,
+        experiment: str,
+        variant: str,
+        flags: int,
+    ) -> None:
+        log = self.exposures
+        if log is None:
+            log = self.exposures = ExposureLog(plan.config.log_dir)
+            log.start()
+        log.add(request_id, xxh64(unit.encode("utf-8")) if unit else 0, experiment, variant, flags)
+
+    def close(self) -> None:
+        if self.exposures is not None:
+            self.exposures.close()
+            self.exposures = None
+
+    def observe(self, experiment: str, variant: str, latency_s: float, error: bool) -> None:
+        key = (experiment, variant)
+        system = self.system.get(key)
+        if system is None:
+            system = self.system[key] = VariantSystem()
+        system.add(latency_s, error)
+
+    # --- feedback ----------------------------------------------------------------------
+
+    def handle_feedback(self, body: bytes, plan: Plan, now: float) -> dict[str, Any]:
+        """Validates a feedback document (one object or a list) and records it all, or
+        nothing: raises FeedbackError (400 bad input, 404 unknown or expired request id,
+        413 too many items, 422 a unit outside the experiment)."""
+        spec = plan.config.feedback
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            self.counts["bad"] += 1
+            raise FeedbackError(400, "bad_feedback", f"body is not JSON: {exc}") from exc
+        items = document if isinstance(document, list) else [document]
+        if len(items) > spec.max_batch:
+            self.counts["bad"] += 1
+            raise FeedbackError(
+                413, "batch_too_large", f"{len(items)} items; the limit is {spec.max_batch}"
+            )
+        if not items:
+            self.counts["bad"] += 1
+            raise FeedbackError(400, "bad_feedback", "an empty batch")
+        resolved: list[tuple[Assignments, str, float]] = []
+        for index, item in enumerate(items):
+            where = f"[{index}]" if isinstance(document, list) else ""
+            try:
+                resolved.append(self._resolve(item, plan, now))
+            except FeedbackError as exc:
+                self.counts["unknown_request_id" if exc.status == 404 else "bad"] += 1
+                raise FeedbackError(exc.status, exc.code, f"{where}{exc.detail}") from None
+        counted = 0
+        for assignments, metric, value in resolved:
+            for experiment, variant, enrolled in assignments:
+                if not enrolled:
+                    continue
+                key = (experiment, variant, metric)
+                moments = self.outcomes.get(key)
+                if moments is None:
+                    moments = self.outcomes[key] = Moments()
+                moments.add(value)
+                counted += 1
+        self.counts["accepted"] += len(resolved)
+        return {"accepted": len(resolved), "counted": counted}
+
+    def _resolve(self, item: Any, plan: Plan, now: float) -> tuple[Assignments, str, float]:
+        if not isinstance(item, dict):
+            raise FeedbackError(400, "bad_feedback", "each item must be a JSON object")
+        metric = item.get("metric")
+        if not isinstance(metric, str) or not _METRIC.match(metric):
+            raise FeedbackError(
+                400, "bad_feedback", f"metric must be a name like 'clicked', got {metric!r}"
+            )
+        value = item.get("value")
+        if isinstance(value, bool):
+            value = 1.0 if value else 0.0
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise FeedbackError(
+                400, "bad_feedback", f"value must be a finite number, got {value!r}"
+            )
+        known = {"metric", "value", "experiment", "unit", "request_id"}
+        extra = sorted(set(item) - known)
+        if extra:
+            raise FeedbackError(400, "bad_feedback", f"unknown keys {extra}")
+        if "request_id" in item:
+            rid = item["request_id"]
+            if not isinstance(rid, str) or not rid:
+                raise FeedbackError(400, "bad_feedback", "request_id must be a string")
+            found = self.recent.get(rid.encode("ascii", "replace"))
+            ttl = plan.config.feedback.request_id_ttl_s
+            if found is None or found[0] < now - ttl:
+                raise FeedbackError(
+                    404,
+                    "unknown_request_id",
+                    f"request {rid!r} is unknown or older than {ttl:g} s (or had no experiment)",
+                )
+            return found[1], metric, float(value)
+        experiment_name = item.get("experiment")
+        unit = item.get("unit")
+        if not isinstance(experiment_name, str) or not isinstance(unit, (str, int)):
+            raise FeedbackError(
+                400, "bad_feedback", "give request_id, or experiment (string) and unit"
+            )
+        experiment = plan.experiments.get(experiment_name)
+        if experiment is None:
+            raise FeedbackError(400, "unknown_experiment", f"no experiment {experiment_name!r}")
+        # The variant is recomputed from the unit and the running Plan: no storage needed.
+        # Segments depend on the original request, so feedback by unit cannot see them.
+        assignment = experiment.targeting.assign(str(unit), lambda kind, name: None)
+        if assignment is None:
+            raise FeedbackError(
+                422,
+                "unit_not_in_experiment",
+                f"unit {unit!r} is not in {experiment_name!r}: its layer puts it elsewhere",
+            )
+        variant = experiment.variants[assignment.index].name
+        return ((experiment_name, variant, assignment.enrolled),), metric, float(value)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able state, for the admin API and for merging workers."""
+        return {
+            "outcomes": [
+                {"experiment": e, "variant": v, "metric": m, **moments.as_dict()}
+                for (e, v, m), moments in sorted(self.outcomes.items())
+            ],
+            "system": [
+                {"experiment": e, "variant": v, **system.as_dict()}
+                for (e, v), system in sorted(self.system.items())
+            ],
+            "counts": dict(self.counts),
+        }
