@@ -20,6 +20,8 @@ import uvloop
 import xxhash
 from aiohttp import web
 
+from modelgate.models import ModelError, load_predictor
+
 __all__ = [
     "DEFAULT_DRIFT",
     "LABELS",
@@ -111,6 +113,9 @@ class MockSettings:
     chunk_delay_ms: float = 20.0
     drift: float = DEFAULT_DRIFT
     max_body_bytes: int = 64 * 1024 * 1024
+    # A real model instead of the hash-based fake: called with the body, returns the answer
+    # (modelgate.models.SklearnPredictor; raises ModelError for a bad request).
+    predictor: Callable[[bytes], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         dists, modes = get_args(LatencyDist), get_args(StreamMode)
@@ -303,9 +308,16 @@ class _Handlers:
                 "model": settings.name,
             }
             return _json(error, settings.error_status, headers)
-        # GET and other bodiless requests predict on the raw target (path and query).
-        data = body if body else request.raw_path.encode("utf-8", "surrogateescape")
-        prediction = predict(settings.name, data, settings.drift)
+        if settings.predictor is not None:
+            try:
+                prediction = settings.predictor(body)
+            except ModelError as exc:
+                bad = {"error": "bad_request", "detail": str(exc), "model": settings.name}
+                return _json(bad, 400, headers)
+        else:
+            # GET and other bodiless requests predict on the raw target (path and query).
+            data = body if body else request.raw_path.encode("utf-8", "surrogateescape")
+            prediction = predict(settings.name, data, settings.drift)
         if settings.stream == "none":
             return _json(prediction, headers=headers)
         self.state.streams += 1
@@ -484,11 +496,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="name-dependent perturbation: about this fraction of labels differ between names",
     )
     add("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body")
+    add(
+        "--model",
+        default=None,
+        help="a pickled scikit-learn classifier: serve its predictions on {\"features\": [...]}",
+    )
 
 
 def settings_from_args(ns: argparse.Namespace) -> MockSettings:
     """MockSettings from parsed options; raises ValueError naming the flag on a bad value."""
+    predictor = load_predictor(ns.model, ns.name) if getattr(ns, "model", None) else None
     return MockSettings(
+        predictor=predictor,
         name=ns.name,
         latency_ms=ns.latency_ms,
         latency_dist=ns.latency_dist,
