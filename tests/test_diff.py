@@ -53,13 +53,27 @@ def test_identical_documents_are_equal() -> None:
     assert result.n_diff == 0 and result.differences == ()
 
 
-def test_reserialized_document_is_equal_and_counts_numbers() -> None:
+def test_reserialized_document_is_equal_without_a_walk() -> None:
     primary = ok(ANSWER)
-    shadow = Answer(200, JSON, json.dumps(ANSWER, indent=2).encode(), 0.02)
-    result = compare(primary, shadow, CompareSpec())
+    shadow = Answer(200, JSON, json.dumps({**ANSWER, "model": "b"}, indent=2).encode(), 0.02)
+    result = compare(primary, shadow, CompareSpec(ignore=["/model"]))
     assert result.verdict is Verdict.EQUAL
-    assert result.max_abs_diff == 0.0
+    assert math.isnan(result.max_abs_diff) and result.vectors_compared == 0
+
+
+def test_a_walked_equal_document_counts_its_numbers() -> None:
+    # a nested ignore pointer (or `fields`) rules out the whole-document shortcut
+    result = diff(ANSWER, {**ANSWER, "meta": {"id": 1}}, ignore=["/meta/id", "/meta"])
+    assert result.verdict is Verdict.EQUAL
+    assert result.max_abs_diff == 0.0 and result.numbers_compared == 4
     assert result.vectors_compared == 1 and result.argmax_disagreements == 0
+
+
+def test_the_whole_document_shortcut_keeps_json_types_apart() -> None:
+    assert kinds(diff({"a": [1], "m": 1}, {"a": [True], "m": 2}, ignore=["/m"])) == {
+        "/a/0": DiffKind.TYPE_CHANGED
+    }
+    assert diff({"a": 1, "m": 1}, {"a": 1.0, "m": 2}, ignore=["/m"]).verdict is Verdict.EQUAL
 
 
 def test_byte_identical_bodies_are_equal_without_parsing() -> None:

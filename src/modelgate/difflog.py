@@ -296,6 +296,7 @@ class DiffLogWriter:
         self._lock = threading.Lock()  # counters that stats() copies while the writer runs
         self._rng = random.Random(seed)
         self._names = _Names()
+        self._ids: dict[tuple[str, str, str, str], tuple[int, int, int]] = {}
         now = time.time_ns()
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9))
         self._run = f"{stamp}.{now // 1000 % 10**6:06d}Z-p{os.getpid()}"
@@ -325,9 +326,10 @@ class DiffLogWriter:
         self._thread.start()
 
     def submit(self, job: PairLike) -> bool:
-        """Queues a pair; False (counted in dropped["queue_full"]) when the queue is full."""
+        """Queues a pair; False when the queue is full (counted in dropped["queue_full"]) or
+        the writer is not running (dropped["not_running"])."""
         if not self._accepting:
-            self._drop("closed")
+            self._drop("not_running")
             return False
         if len(self._queue) >= self.queue_size:
             self._drop("queue_full")
@@ -393,40 +395,54 @@ class DiffLogWriter:
         self._close_files()
 
     def _process(self, batch: list[PairLike]) -> None:
-        names, rows, payloads = self._names, self._rows, self._payloads
+        rows, payloads, ids = self._rows, self._payloads, self._ids
         verdicts, sample, cap = self.payload_verdicts, self.payload_sample, self.payload_max_bytes
+        append, codes = rows.append, VERDICT_CODES
         for job in batch:
             try:
                 result = compare(job.primary, job.shadow_answer, job.compare)
                 rid = job.request_id
-                if isinstance(rid, str):
-                    rid = rid.encode("utf-8", "replace")
+                if type(rid) is not bytes:
+                    rid = rid.encode("utf-8", "replace")  # type: ignore[union-attr]
                 unit, primary, shadow = job.unit, job.primary, job.shadow_answer
-                variant = f"{job.experiment}={job.variant}" if job.experiment else ""
+                key = (job.route, job.shadow, job.experiment, job.variant)
+                route_variant_shadow = ids.get(key) or self._register(key)
                 if result.verdict in verdicts and (sample >= 1.0 or self._rng.random() < sample):
                     payloads.append((len(rows), _payload_line(job, result, rid, cap)))
-                rows.append(
+                n_diff = result.n_diff
+                cut = len(rid) > 16
+                append(
                     (
                         int(job.started_at * 1e9),
                         xxh64(unit.encode("utf-8", "replace")) if unit else 0,
                         NO_PAYLOAD,
-                        rid[-16:],  # the tail: gateway ids are prefix-counter
+                        rid[-16:] if cut else rid,  # the tail: gateway ids are prefix-counter
                         primary.latency_s * 1000.0,
                         shadow.latency_s * 1000.0 if shadow is not None else np.nan,
                         result.max_abs_diff,
                         primary.status,
                         shadow.status if shadow is not None else 0,
-                        min(result.n_diff, 65535),
-                        names.id("routes", job.route),
-                        names.id("variants", variant),
-                        names.id("shadows", job.shadow),
-                        VERDICT_CODES[result.verdict],
-                        _flags(result, len(rid) > 16),
+                        n_diff if n_diff < 65535 else 65535,
+                        *route_variant_shadow,
+                        codes[result.verdict],
+                        _flags(result, cut) if n_diff or cut or result.vectors_compared else 0,
                     )
                 )
             except Exception as exc:  # a malformed job is dropped and counted, never raised
                 self._drop("bad_job")
                 self._error("bad_job", exc)
+
+    def _register(self, key: tuple[str, str, str, str]) -> tuple[int, int, int]:
+        route, shadow, experiment, variant = key
+        names = self._names
+        found = (
+            names.id("routes", route),
+            names.id("variants", f"{experiment}={variant}" if experiment else ""),
+            names.id("shadows", shadow),
+        )
+        if len(self._ids) < 65536:  # a bound: keys are config names, but a bug must not leak
+            self._ids[key] = found
+        return found
 
     def _flush(self) -> None:
         rows, payloads = self._rows, self._payloads

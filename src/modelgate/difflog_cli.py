@@ -14,6 +14,8 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
+from modelgate.diff import Verdict
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -21,15 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["configure_parser", "main", "summarize", "wilson_interval"]
 
-_VERDICTS = (
-    "equal",
-    "within_tolerance",
-    "differs",
-    "not_json",
-    "shadow_error",
-    "shadow_timeout",
-    "primary_error",
-)
+_VERDICTS = tuple(verdict.value for verdict in Verdict)  # in code order
 # Both sides answered without a server error: the pairs an agreement rate is about.
 _COMPARED = ("equal", "within_tolerance", "differs", "not_json")
 _QUANTILES = (50, 90, 99)
@@ -72,8 +66,12 @@ def summarize(records: np.ndarray, names: DiffLogNames, top: int = 10) -> dict[s
         compared = sum(by_verdict[v] for v in _COMPARED)
         agreed = by_verdict["equal"] + by_verdict["within_tolerance"]
         low, high = wilson_interval(agreed, compared)
-        vectors = group[(group["flags"] & FLAG_VECTORS) != 0]
-        argmax_agreed = int(((vectors["flags"] & FLAG_ARGMAX_CHANGED) == 0).sum())
+        # Pairs with identical bodies are not parsed, so their vectors are not flagged: the
+        # argmax agreement is over every pair whose bodies were compared, shown when any
+        # pair had probability vectors at all.
+        has_vectors = bool((group["flags"] & FLAG_VECTORS).any())
+        bodies = compared - by_verdict["not_json"]
+        argmax_changed = int(((group["flags"] & FLAG_ARGMAX_CHANGED) != 0).sum())
         primary = group["primary_ms"].astype(np.float64)
         shadow = group["shadow_ms"].astype(np.float64)
         pairs.append(
@@ -85,8 +83,7 @@ def summarize(records: np.ndarray, names: DiffLogNames, top: int = 10) -> dict[s
                 "compared": compared,
                 "agreement": agreed / compared if compared else None,
                 "agreement_ci95": None if not compared else [low, high],
-                "argmax_agreement": argmax_agreed / len(vectors) if len(vectors) else None,
-                "pairs_with_vectors": len(vectors),
+                "argmax_agreement": 1 - argmax_changed / bodies if has_vectors else None,
                 "latency_ms": {
                     "primary": _quantiles(primary),
                     "shadow": _quantiles(shadow),
@@ -269,72 +266,23 @@ def _show(records: np.ndarray, names: DiffLogNames, ns: argparse.Namespace, out:
                 print(f"{label}{cut}: {part.get('body', '')}", file=out)
 
 
-_EXPORT_COLUMNS = (
-    "ts_ns",
-    "time",
-    "request_id",
-    "unit_hash",
-    "route",
-    "variant",
-    "shadow",
-    "verdict",
-    "primary_status",
-    "shadow_status",
-    "primary_ms",
-    "shadow_ms",
-    "max_abs_diff",
-    "n_diff",
-    "flags",
-    "payload_offset",
-)
-
-
 def _export_rows(records: np.ndarray, names: DiffLogNames) -> Iterator[dict[str, Any]]:
     from modelgate.difflog import NO_PAYLOAD
 
-    def floats(values: Any) -> list[float | None]:
+    columns = {name: records[name].tolist() for name in records.dtype.names or ()}
+    for name in ("primary_ms", "shadow_ms", "max_abs_diff"):
         # float32 printed with its own precision (7 digits), not float64's; NaN is "none"
-        return [None if v != v else float(f"{v:.7g}") for v in values.astype(float).tolist()]
-
-    primary_ms, shadow_ms = floats(records["primary_ms"]), floats(records["shadow_ms"])
-    max_diff = floats(records["max_abs_diff"])
-    columns = zip(
-        records["ts_ns"].tolist(),
-        records["request_id"].tolist(),
-        records["unit_hash"].tolist(),
-        records["route_id"].tolist(),
-        records["variant_id"].tolist(),
-        records["shadow_id"].tolist(),
-        records["verdict"].tolist(),
-        records["primary_status"].tolist(),
-        records["shadow_status"].tolist(),
-        primary_ms,
-        shadow_ms,
-        max_diff,
-        records["n_diff"].tolist(),
-        records["flags"].tolist(),
-        records["payload_offset"].tolist(),
-        strict=True,
-    )
-    for ts, rid, unit, route, variant, shadow, verdict, ps, ss, pm, sm, md, nd, fl, off in columns:
-        yield {
-            "ts_ns": ts,
-            "time": _iso(ts),
-            "request_id": rid.decode("utf-8", "replace"),
-            "unit_hash": unit,
-            "route": names.routes[route],
-            "variant": names.variants[variant],
-            "shadow": names.shadows[shadow],
-            "verdict": names.verdicts[verdict],
-            "primary_status": ps,
-            "shadow_status": ss,
-            "primary_ms": pm,
-            "shadow_ms": sm,
-            "max_abs_diff": md,
-            "n_diff": nd,
-            "flags": fl,
-            "payload_offset": None if off == NO_PAYLOAD else off,
-        }
+        columns[name] = [None if v != v else float(f"{v:.7g}") for v in columns[name]]
+    columns["payload_offset"] = [None if v == NO_PAYLOAD else v for v in columns["payload_offset"]]
+    for values in zip(*columns.values(), strict=True):
+        row = dict(zip(columns, values, strict=True))
+        row["request_id"] = row["request_id"].decode("utf-8", "replace")
+        row["time"] = _iso(row["ts_ns"])
+        row["route"] = names.routes[row.pop("route_id")]
+        row["variant"] = names.variants[row.pop("variant_id")]
+        row["shadow"] = names.shadows[row.pop("shadow_id")]
+        row["verdict"] = names.verdicts[row["verdict"]]
+        yield row
 
 
 def _export(records: np.ndarray, names: DiffLogNames, fmt: str, out: IO[str]) -> None:
@@ -343,8 +291,12 @@ def _export(records: np.ndarray, names: DiffLogNames, fmt: str, out: IO[str]) ->
         for row in rows:
             out.write(_json(row) + "\n")
         return
-    writer = csv.DictWriter(out, fieldnames=_EXPORT_COLUMNS, lineterminator="\n")
+    first = next(rows, None)
+    if first is None:
+        return
+    writer = csv.DictWriter(out, fieldnames=list(first), lineterminator="\n")
     writer.writeheader()
+    writer.writerow(first)
     writer.writerows(rows)  # None is written as an empty cell
 
 
