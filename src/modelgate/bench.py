@@ -92,7 +92,8 @@ async def run_bench(config: BenchConfig, *, stop: asyncio.Event | None = None) -
     """Runs one bench on the running loop (N child processes with `processes`). Setting
     `stop` ends it early: nothing more is sent, and what is in flight is still counted."""
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    stop = stop or asyncio.Event()
+    if stop is None:
+        stop = asyncio.Event()
     if config.processes > 1:
         recorder = await _run_processes(config, stop)
     else:

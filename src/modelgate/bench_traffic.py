@@ -176,7 +176,7 @@ class FeedbackPoster:
 
 # --- the driver --------------------------------------------------------------------------
 
-Token = tuple[float, "str | None"]  # (scheduled send time, unit id)
+Token = tuple[float, str | None]  # (scheduled send time, unit id)
 
 
 @dataclass
@@ -212,7 +212,9 @@ class Driver:
         self.issued = 0
         self.in_flight = 0
         self.stopped = False
-        self.end = math.inf
+        self.end = math.inf  # closed loop: no request starts after this
+        self.next_due = math.inf  # open loop: the next slot's send time
+        self.timer: asyncio.TimerHandle | None = None
         config = self.config
         self.timeout_s = config.timeout_s
         if config.rate is not None:
@@ -238,6 +240,7 @@ class Driver:
         if config.rate is not None:
             self.interval = self.share.step / config.rate
             self.offset = self.share.index / config.rate
+            self.next_due = self.t0 + self.offset
             self._tick()
         else:
             self.end = (
@@ -252,6 +255,8 @@ class Driver:
             if self.feedback is not None:
                 await self._drain_feedback()
         finally:
+            if self.timer is not None:
+                self.timer.cancel()
             self.pool.close()
             if self.feedback is not None:
                 self.feedback.pool.close()
@@ -261,6 +266,9 @@ class Driver:
     def stop(self) -> None:
         """Issues nothing more; in-flight requests still finish (or time out)."""
         self.stopped = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self._maybe_done()
 
     async def _drain_feedback(self) -> None:
@@ -278,10 +286,24 @@ class Driver:
         self.pool.submit(data, (scheduled, unit), scheduled + self.timeout_s)
 
     def _tick(self) -> None:
-        """Open loop: sends every request whose slot has come, then sleeps to the next."""
+        """Open loop's timer: sends what is due, then sleeps until the next slot."""
+        self.timer = None
         if self.stopped:
             return
-        now = time.perf_counter()
+        self._send_due(time.perf_counter())
+        if self.issued >= self.limit:
+            self._maybe_done()
+            return
+        # uvloop's timers count whole milliseconds; rounding the wait up wakes at or after
+        # the slot, never spinning on zero-length waits (that would burn a core the target
+        # may need). Responses also call _send_due, so a busy bench sends between ticks.
+        delay = math.ceil((self.next_due - time.perf_counter()) * 1e3) / 1e3
+        self.timer = self.loop.call_later(max(delay, 0.001), self._tick)
+
+    def _send_due(self, now: float) -> None:
+        """Open loop: issues every request whose slot has come, recording how late it is."""
+        if now < self.next_due or self.stopped:
+            return
         base = self.t0 + self.offset
         due = min(self.limit, math.floor((now - base) / self.interval) + 1)
         record_lag = self.recorder.lag.record
@@ -289,12 +311,7 @@ class Driver:
             scheduled = base + self.issued * self.interval
             record_lag(now - scheduled)
             self._issue(scheduled)
-        if self.issued >= self.limit:
-            self._maybe_done()
-            return
-        delay = base + self.issued * self.interval - time.perf_counter()
-        # uvloop's timers count whole milliseconds: shorter waits become the next iteration.
-        self.loop.call_later(max(delay, 0.0), self._tick)
+        self.next_due = base + self.issued * self.interval if self.issued < self.limit else math.inf
 
     def _next(self, now: float) -> None:
         """Closed loop: one more request, unless the budget or the time is spent."""
@@ -335,4 +352,5 @@ class Driver:
         if self.config.rate is None:
             self._next(now)
         else:
+            self._send_due(now)
             self._maybe_done()
