@@ -130,6 +130,7 @@ class Exchange:
         "enrolled",
         "assignments",
         "body_waiter",
+        "pools",
     )
 
     def __init__(self, client: ClientConnection) -> None:
@@ -184,6 +185,7 @@ class Exchange:
         self.enrolled = False  # the unit counts in the experiment's analysis
         self.assignments: list[tuple[str, str, bool]] = []  # (experiment, variant, enrolled)
         self.body_waiter: Callable[[], None] | None = None  # runs when the body is complete
+        self.pools: dict[str, UpstreamPool] = {}  # the pools of the Plan read at start
 
     # --- request body, fed by the client connection -----------------------------------
 
@@ -265,6 +267,8 @@ class Exchange:
         """Becomes the connection's active exchange: decide where it goes and send it."""
         self.started = True
         self.plan = plan
+        # The registry replaces (never mutates) its dict on a reload: this is the Plan's set.
+        self.pools = self.client.gateway.registry.pools
         self.started_at = self.client.gateway.loop.time()
         rid = self.client_request_id
         self.request_id = rid if rid is not None and is_valid_request_id(rid) else _new_request_id()
@@ -357,7 +361,7 @@ class Exchange:
         plan = self.plan
         target = self.target
         assert plan is not None and target is not None
-        pool = self.client.gateway.registry.pools.get(target.name)
+        pool = self.pools.get(target.name)
         if pool is None:
             self.fail(503, "no_healthy_upstream", f"upstream {target.name!r} has no pool")
             return

@@ -263,9 +263,8 @@ class UpstreamPool:
             if not conn.closed:
                 conn.reused = True
                 return conn
-        if self.closing:
-            sink.upstream_failed("unavailable", "upstream pool is closed")
-            return None
+        # A closing pool (its upstream left the Plan) still serves the requests that started on
+        # the Plan that had it: it drains, it does not refuse them.
         if self.size < self.target.max_connections:
             self.size += 1
             asyncio.get_running_loop().create_task(self._connect(sink))
@@ -322,7 +321,7 @@ class UpstreamPool:
         """Returns a connection whose exchange finished cleanly."""
         if conn.closed:
             return
-        if self.closing or not conn.keep_alive:
+        if not conn.keep_alive:
             conn.close()
             return
         if self.waiters:
@@ -330,7 +329,7 @@ class UpstreamPool:
             conn.reused = True
             sink.upstream_ready(conn)
             return
-        if len(self.idle) >= self.target.max_idle:
+        if self.closing or len(self.idle) >= self.target.max_idle:
             conn.close()
             return
         self.idle.append(conn)
@@ -345,19 +344,18 @@ class UpstreamPool:
         self._wake_waiter()
 
     def _wake_waiter(self) -> None:
-        if self.waiters and not self.closing and self.size < self.target.max_connections:
+        if self.waiters and self.size < self.target.max_connections:
             sink = self.waiters.popleft()
             self.size += 1
             asyncio.get_running_loop().create_task(self._connect(sink))
 
     def close(self) -> None:
-        """Stops handing out connections; idle ones close now, busy ones when released."""
+        """Drains: idle connections close now, busy ones when released (after serving any
+        request still waiting for one); requests of the old Plan are still served."""
         self.closing = True
         for conn in list(self.idle):
             conn.close()
         self.idle.clear()
-        while self.waiters:
-            self.waiters.popleft().upstream_failed("unavailable", "upstream removed by a reload")
 
     def stats(self) -> dict[str, int]:
         return {
