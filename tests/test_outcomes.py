@@ -223,3 +223,28 @@ def test_moments_merge_equals_one_stream() -> None:
     assert left.mean == pytest.approx(whole.mean, rel=1e-12)
     assert left.variance == pytest.approx(whole.variance, rel=1e-9)
     assert left.variance == pytest.approx(float(np.var(values, ddof=1)), rel=1e-9)
+
+
+def test_snapshots_of_workers_merge_into_one() -> None:
+    from modelgate.outcomes import OutcomeStore, merge_snapshots
+
+    stores = [OutcomeStore(), OutcomeStore()]
+    whole = OutcomeStore()
+    rng = random.Random(9)
+    for i in range(400):
+        value = rng.random()
+        latency = rng.random() / 10
+        for store in (stores[i % 2], whole):
+            store.outcomes.setdefault(("e", "v", "m"), Moments()).add(value)
+            store.observe("e", "v", latency, i % 10 == 0)
+    merged = merge_snapshots([s.snapshot() for s in stores])
+    expected = whole.snapshot()
+    (row,) = merged["outcomes"]
+    (want,) = expected["outcomes"]
+    assert row["count"] == want["count"] == 400
+    assert row["mean"] == pytest.approx(want["mean"], rel=1e-12)
+    assert row["m2"] == pytest.approx(want["m2"], rel=1e-9)
+    (sys_row,) = merged["system"]
+    (sys_want,) = expected["system"]
+    assert sys_row["buckets"] == sys_want["buckets"]
+    assert (sys_row["requests"], sys_row["errors"]) == (400, 40)

@@ -27,6 +27,7 @@ from modelgate.config import (
     validate_config,
 )
 from modelgate.core import BUCKETS
+from modelgate.outcomes import merge_snapshots
 from modelgate.plan import Plan, compile_plan, config_digest
 from modelgate.safety import SafetyReport, safety_report
 from modelgate.telemetry import CountSlice, VersionedTally, VersionLogFilter, merge_exports
@@ -57,6 +58,9 @@ class PlanTarget(Protocol):
 
     async def counters(self) -> list[dict[str, CountSlice]]:
         """Each serving process's counts by config version."""
+
+    async def outcomes(self) -> list[dict[str, Any]]:
+        """Each serving process's OutcomeStore.snapshot()."""
 
     def ready(self) -> bool:
         """Serving a Plan and accepting connections."""
@@ -333,6 +337,10 @@ class ControlPlane:
 
     async def counts(self) -> dict[str, CountSlice]:
         return merge_exports(await self.target.counters())
+
+    async def outcomes(self) -> dict[str, Any]:
+        """Feedback outcomes and per-variant system metrics, merged over the workers."""
+        return merge_snapshots(await self.target.outcomes())
 
     async def status(self) -> dict[str, Any]:
         plan = self.plan

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LATENCY_BUCKETS_S",
+    "merge_snapshots",
     "FeedbackError",
     "Moments",
     "OutcomeStore",
@@ -313,3 +314,43 @@ class OutcomeStore:
             ],
             "counts": dict(self.counts),
         }
+
+
+def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    """OutcomeStore snapshots of several workers as one (moments merged, counts summed)."""
+    outcomes: dict[tuple[str, str, str], Moments] = {}
+    system: dict[tuple[str, str], dict[str, Any]] = {}
+    counts: Counter[str] = Counter()
+    for snap in snapshots:
+        for row in snap["outcomes"]:
+            okey = (row["experiment"], row["variant"], row["metric"])
+            outcomes.setdefault(okey, Moments()).merge(Moments.from_dict(row))
+        for row in snap["system"]:
+            key = (row["experiment"], row["variant"])
+            merged = system.get(key)
+            if merged is None:
+                system[key] = {
+                    "requests": row["requests"],
+                    "errors": row["errors"],
+                    "latency": Moments.from_dict(row["latency"]),
+                    "buckets": list(row["buckets"]),
+                }
+            else:
+                merged["requests"] += row["requests"]
+                merged["errors"] += row["errors"]
+                merged["latency"].merge(Moments.from_dict(row["latency"]))
+                merged["buckets"] = [
+                    a + b for a, b in zip(merged["buckets"], row["buckets"], strict=True)
+                ]
+        counts.update(snap["counts"])
+    return {
+        "outcomes": [
+            {"experiment": e, "variant": v, "metric": m, **moments.as_dict()}
+            for (e, v, m), moments in sorted(outcomes.items())
+        ],
+        "system": [
+            {"experiment": e, "variant": v, **dict(data, latency=data["latency"].as_dict())}
+            for (e, v), data in sorted(system.items())
+        ],
+        "counts": dict(counts),
+    }

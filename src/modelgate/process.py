@@ -45,6 +45,9 @@ class LocalTarget:
     async def counters(self) -> list[dict[str, CountSlice]]:
         return [self.gateway.counters.export()]
 
+    async def outcomes(self) -> list[dict[str, Any]]:
+        return [self.gateway.outcomes.snapshot()]
+
     def ready(self) -> bool:
         return self.gateway.accepting
 

@@ -79,6 +79,8 @@ def _handle(gateway: Gateway, message: dict[str, Any]) -> dict[str, Any]:
     if kind == "counters":
         export = gateway.counters.export()
         return {"ok": True, "counters": {k: v.to_json() for k, v in export.items()}}
+    if kind == "outcomes":
+        return {"ok": True, "outcomes": gateway.outcomes.snapshot()}
     return {"ok": False, "errors": [f"unknown message type {kind!r}"]}
 
 
@@ -254,6 +256,10 @@ class WorkerPool:
             for reply in replies
             if reply is not None and reply.get("ok")
         ]
+
+    async def outcomes(self) -> list[dict[str, Any]]:
+        replies = await asyncio.gather(*(self._ask(w, "outcomes") for w in self.workers_))
+        return [r["outcomes"] for r in replies if r is not None and r.get("ok")]
 
     def ready(self) -> bool:
         return all(w.alive and w.listening for w in self.workers_)
