@@ -499,7 +499,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add(
         "--model",
         default=None,
-        help="a pickled scikit-learn classifier: serve its predictions on {\"features\": [...]}",
+        help='a pickled scikit-learn classifier: serve its predictions on {"features": [...]}',
     )
 
 

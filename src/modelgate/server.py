@@ -1,41 +1,32 @@
-"""The gateway process: listeners, the running Plan and its swap, timeouts, drain, signals.
+"""The data plane of one process: listeners, the running Plan and its swap, timeouts, drain.
 
 `Gateway` holds the one Plan reference requests read; `swap()` replaces it atomically and
-keeps warm upstream pools. `serve()` runs a gateway on uvloop until SIGTERM/SIGINT, draining
-in-flight requests first; `serve_workers()` forks N such processes on one SO_REUSEPORT port.
+keeps warm upstream pools. Running it as a process (signals, admin API, workers) is
+process.py's and workers.py's; deciding what to swap in is control.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
-import signal
 import socket
-import sys
 import time
-from pathlib import Path
-
-import uvloop
+from typing import Any
 
 from modelgate.chaos import ChaosRuntime
-from modelgate.config import ConfigError, GatewayConfig, load_config
 from modelgate.connection import ClientConnection
 from modelgate.exchange import Exchange
 from modelgate.outcomes import OutcomeStore
-from modelgate.plan import Plan, compile_plan
+from modelgate.plan import Plan
 from modelgate.shadow import ShadowDispatcher
-from modelgate.telemetry import Counters
+from modelgate.telemetry import Counters, VersionLogFilter
 from modelgate.upstream import UpstreamRegistry
 
-__all__ = ["Gateway", "StartupError", "bind_socket", "serve", "serve_workers"]
-
-log = logging.getLogger("modelgate")
+__all__ = ["Gateway", "StartupError", "bind_socket"]
 
 SWEEP_INTERVAL_S = 0.5
 WATCHDOG_INTERVAL_S = 0.02
-RESTART_KEYS = ("listen", "admin")
 
 
 class StartupError(Exception):
@@ -52,7 +43,7 @@ class Gateway:
         self.registry.apply(plan.upstreams)
         self.connections: set[ClientConnection] = set()
         self.inflight: set[Exchange] = set()  # exchanges waiting on an upstream
-        self.counters = Counters()
+        self.counters = Counters(plan.version)
         self.shadows = ShadowDispatcher()  # its diff-log sink is attached by whoever serves
         self.chaos = ChaosRuntime()
         self.outcomes = OutcomeStore()  # feedback, per-variant system metrics, exposures
@@ -60,50 +51,21 @@ class Gateway:
         self.body_timeout_s = plan.limits.client_body_timeout_ms / 1000.0
         self.servers: list[asyncio.AbstractServer] = []
         self.started_at = time.time()
-        self.config_path: Path | None = None
-        self.last_reload_error: list[str] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
 
     # --- the Plan -------------------------------------------------------------------------
 
     def swap(self, plan: Plan) -> None:
-        """Installs a new Plan; requests already started keep the one they read."""
+        """Installs a new Plan; requests already started keep the one they read.
+
+        Pools of upstreams whose address is unchanged are kept (warm connections survive);
+        pools of removed or re-addressed upstreams close once their connections are free."""
         self.registry.apply(plan.upstreams)
         self.body_timeout_s = plan.limits.client_body_timeout_ms / 1000.0
+        self.counters.begin_version(plan.version)
         self.plan = plan
-
-    def reload(self, config: GatewayConfig) -> Plan:
-        """Compiles and swaps in a validated config; restart-only keys must be unchanged."""
-        current = self.plan.config
-        changed = [key for key in RESTART_KEYS if getattr(config, key) != getattr(current, key)]
-        if changed:
-            raise ConfigError(
-                [
-                    f"{key}: changing it needs a restart (running: {getattr(current, key)!r})"
-                    for key in changed
-                ]
-            )
-        plan = compile_plan(config, version=self.plan.version + 1)
-        self.swap(plan)
-        return plan
-
-    def reload_from_file(self) -> None:
-        """SIGHUP: re-read the config file; on any error keep serving the running Plan."""
-        if self.config_path is None:
-            return
-        try:
-            plan = self.reload(load_config(self.config_path))
-        except ConfigError as exc:
-            self.last_reload_error = exc.errors
-            log.error(
-                "reload refused, still serving version %d:\n  %s",
-                self.plan.version,
-                "\n  ".join(exc.errors),
-            )
-            return
-        self.last_reload_error = None
-        log.info("reloaded: version %d (%s)", plan.version, plan.digest)
+        VersionLogFilter.set_version(plan.version)
 
     # --- listening --------------------------------------------------------------------------
 
@@ -157,26 +119,19 @@ class Gateway:
         self.outcomes.close()
         return clean
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> dict[str, Any]:
+        """This process: its Plan version, connections and upstream pools."""
         plan = self.plan
         return {
+            "pid": os.getpid(),
+            "alive": True,
             "version": plan.version,
             "digest": plan.digest,
-            "pid": os.getpid(),
+            "accepting": self.accepting,
             "uptime_s": round(time.time() - self.started_at, 3),
             "connections": len(self.connections),
-            "routes": [
-                {
-                    "name": r.name,
-                    "path_prefix": r.path_prefix.decode(),
-                    "experiment": r.experiment.name if r.experiment else None,
-                    "upstream": r.upstream,
-                }
-                for r in plan.routes
-            ],
+            "upstream_requests_in_flight": len(self.inflight),
             "upstreams": {name: pool.stats() for name, pool in self.registry.pools.items()},
-            "last_reload_error": self.last_reload_error,
-            "counters": self.counters.snapshot(),
         }
 
 
@@ -200,85 +155,3 @@ def bind_socket(host: str, port: int, *, reuse_port: bool, listen: bool = True) 
         sock.listen(4096)
     sock.setblocking(False)
     return sock
-
-
-async def _run(config: GatewayConfig, config_path: Path | None, sock: socket.socket) -> int:
-    loop = asyncio.get_running_loop()
-    gateway = Gateway(compile_plan(config), loop)
-    gateway.config_path = config_path
-    await gateway.listen(sock)
-    host, port = sock.getsockname()[:2]
-    log.info(
-        "serving on %s:%d (pid %d, plan version %d)", host, port, os.getpid(), gateway.plan.version
-    )
-    stop = asyncio.Event()
-    signals_seen = 0
-
-    def on_stop_signal() -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen > 1:
-            log.warning("second stop signal: exiting at once")
-            os._exit(1)
-        stop.set()
-
-    loop.add_signal_handler(signal.SIGTERM, on_stop_signal)
-    loop.add_signal_handler(signal.SIGINT, on_stop_signal)
-    loop.add_signal_handler(signal.SIGHUP, gateway.reload_from_file)
-    await stop.wait()
-    timeout = gateway.plan.limits.drain_timeout_ms / 1000.0
-    log.info("draining (up to %.1f s)", timeout)
-    clean = await gateway.drain(timeout)
-    log.info("stopped%s", "" if clean else " (drain timeout: some connections were cut)")
-    return 0
-
-
-def serve(
-    config: GatewayConfig, config_path: Path | None = None, sock: socket.socket | None = None
-) -> int:
-    """Runs one gateway process until a stop signal; returns its exit code."""
-    if sock is None:
-        host, port = config.listen_address
-        sock = bind_socket(host, port, reuse_port=False)
-    return uvloop.run(_run(config, config_path, sock))
-
-
-def serve_workers(config: GatewayConfig, config_path: Path | None, workers: int) -> int:
-    """N processes on one port (SO_REUSEPORT: the kernel balances connections). The parent
-    forwards SIGHUP and SIGTERM to every worker and exits when they have all drained."""
-    host, port = config.listen_address
-    # Bound, not listening: it fails fast on a taken port but takes no connections itself.
-    probe = bind_socket(host, port, reuse_port=True, listen=False)
-    port = probe.getsockname()[1]
-    children: list[int] = []
-    for _ in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                probe.close()
-                sock = bind_socket(host, port, reuse_port=True)
-                code = serve(config, config_path, sock)
-            finally:
-                sys.stdout.flush()
-                os._exit(code)
-        children.append(pid)
-    probe.close()
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
-    exit_code = 0
-    for child in children:
-        while True:
-            try:
-                _, status = os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
-        exit_code = max(exit_code, os.waitstatus_to_exitcode(status))
-    return exit_code
