@@ -22,6 +22,8 @@ from modelgate.config import CompareSpec
 from modelgate.diff import Answer, Verdict
 from modelgate.difflog import (
     DIFF_DTYPE,
+    FLAG_ARGMAX_CHANGED,
+    FLAG_RANKED,
     FLAG_REQUEST_ID_CUT,
     FLAG_VECTORS,
     NO_PAYLOAD,
@@ -192,6 +194,18 @@ def test_long_request_ids_keep_their_tail_and_are_flagged(tmp_path: Path) -> Non
     records, _ = read_difflog(tmp_path)
     assert records["request_id"][0] == long_id[-16:].encode()
     assert records["flags"][0] & FLAG_REQUEST_ID_CUT
+
+
+def test_flags_say_what_was_compared(tmp_path: Path) -> None:
+    reordered = job(0)
+    reordered.compare = CompareSpec(ranked=["/r"])
+    reordered.primary.body = b'{"r": [1, 2, 3], "p": [0.2, 0.8]}'
+    assert reordered.shadow_answer is not None
+    reordered.shadow_answer.body = b'{"r": [2, 1, 3], "p": [0.8, 0.2]}'
+    write(tmp_path, [reordered, job(1)])
+    records, names = read_difflog(tmp_path)
+    assert records["flags"].tolist() == [FLAG_VECTORS | FLAG_ARGMAX_CHANGED | FLAG_RANKED, 0]
+    assert names.verdicts[records["verdict"][0]] == "differs"  # the probabilities moved
 
 
 def test_errors_and_timeouts_are_logged(tmp_path: Path) -> None:

@@ -425,7 +425,9 @@ class DiffLogWriter:
                         n_diff if n_diff < 65535 else 65535,
                         *route_variant_shadow,
                         codes[result.verdict],
-                        _flags(result, cut) if n_diff or cut or result.vectors_compared else 0,
+                        _flags(result, cut)
+                        if cut or result.vectors_compared or result.ranked_compared
+                        else 0,
                     )
                 )
             except Exception as exc:  # a malformed job is dropped and counted, never raised
