@@ -329,6 +329,25 @@ async def test_feedback_posts_carry_the_variants_outcome() -> None:
 
 
 @async_test
+async def test_feedback_reaches_the_gateways_own_endpoint_by_default() -> None:
+    mocks = {"model-a": MockSettings(name="model-a"), "model-b": MockSettings(name="model-b")}
+    async with gateway_stack(ab_config(), mocks) as stack:
+        config = BenchConfig(
+            stack.url + "/predict",
+            rate=200,
+            requests=100,
+            unit_header="x-user-id",
+            feedback=(FeedbackSpec.parse("clicked:control=0.2,candidate=0.4"),),
+            feedback_kind="binary",
+        )
+        report = await run_bench(config)
+        store = stack.gateway.outcomes.outcomes
+        counted = {v: store[("ranker", v, "clicked")].count for v in ("control", "candidate")}
+    assert report.feedback is not None and report.feedback.accepted == 100
+    assert counted == {v: report.variants[f"ranker={v}"].responses for v in counted}
+
+
+@async_test
 async def test_feedback_failures_are_counted_and_never_fatal() -> None:
     async with raw_upstream(hang_up) as dead:
         pass
