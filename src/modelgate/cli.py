@@ -88,7 +88,7 @@ def _cmd_mock(ns: argparse.Namespace) -> int:
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from modelgate.demo import run_demo
 
-    return run_demo(duration_s=ns.duration, rate=ns.rate, config_path=ns.config)
+    return run_demo(duration_s=ns.duration, rate=ns.rate, keep_running=ns.keep_running)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,10 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     configure_mock(mock)
     mock.set_defaults(func=_cmd_mock)
 
-    demo = commands.add_parser("demo", help="mock models + gateway + traffic, then a summary")
-    demo.add_argument("--duration", type=float, default=5.0, help="seconds of traffic")
-    demo.add_argument("--rate", type=float, default=300.0, help="requests per second")
-    demo.add_argument("--config", default=None, help="a demo config (default: the built-in)")
+    demo = commands.add_parser(
+        "demo", help="real models, the gateway, traffic, feedback: everything end to end"
+    )
+    demo.add_argument("--duration", type=float, default=20.0, help="seconds of traffic")
+    demo.add_argument("--rate", type=float, default=150.0, help="requests per second")
+    demo.add_argument(
+        "--keep-running", action="store_true", help="leave the stack up to poke at (Ctrl-C ends)"
+    )
     demo.set_defaults(func=_cmd_demo)
 
     from modelgate.difflog_cli import configure_parser as configure_difflog

@@ -1,191 +1,302 @@
-"""`modelgate demo`: mock models and a gateway on free loopback ports, a few seconds of
-traffic from many users, then the observed split and per-variant latency. No network."""
+"""`modelgate demo`: every capability end to end on real models, in about a minute.
+
+Trains three digit classifiers (scikit-learn's bundled data, no download), serves each with
+`modelgate mock-model --model`, starts `modelgate serve` with an A/B experiment, a shadow
+with a compare block, a chaos rule on the candidate arm, and a canary on a second route;
+drives traffic with the bench driver, posts each unit's outcome (was its prediction right?)
+as feedback, then prints what a person wants to read and stops everything, also on Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
-import time
-from collections import defaultdict
-from dataclasses import dataclass, field
-from importlib import resources
+import os
+import signal
+import socket
+import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import aiohttp
-import numpy as np
 import uvloop
-from aiohttp import web
+import yaml
 
-from modelgate.config import GatewayConfig, load_config, parse_config
-from modelgate.mock import MockSettings, start_mock
-from modelgate.plan import compile_plan
-from modelgate.server import Gateway, bind_socket
+from modelgate.bench import run_bench
+from modelgate.bench_config import BenchConfig
+from modelgate.bench_report import BenchReport
+from modelgate.core import VariantTable
+from modelgate.demo_models import DemoModels, train_models
+from modelgate.demo_report import print_report
 
-__all__ = ["DemoResult", "run_demo", "run_demo_async"]
+__all__ = ["DemoRun", "run_demo", "run_demo_async"]
 
-# How each demo upstream's mock behaves: the candidate is a little slower.
-_MOCK_LATENCY_MS = (4.0, 7.0, 5.0, 6.0)
-
-
-@dataclass
-class DemoResult:
-    """What the demo observed, per variant (from the response headers) and overall."""
-
-    sent: int = 0
-    errors: int = 0
-    by_variant: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    statuses: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    weights: dict[str, float] = field(default_factory=dict)
+AB_WEIGHTS = (50.0, 50.0)
 
 
-def _load_demo_config(path: str | None) -> GatewayConfig:
-    if path is not None:
-        return load_config(path)
-    text = resources.files("modelgate").joinpath("demo.yaml").read_text(encoding="utf-8")
-    return parse_config(text, source="demo.yaml")
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
-async def _drive(url: str, duration_s: float, rate: float, result: DemoResult) -> None:
-    """Open-loop traffic at `rate` req/s from 5,000 simulated users for `duration_s`."""
-    loop = asyncio.get_running_loop()
-    rng = random.Random(7)
-    connector = aiohttp.TCPConnector(limit=64)
-    pending: set[asyncio.Task[None]] = set()
-    async with aiohttp.ClientSession(connector=connector) as session:
+class DemoRun:
+    """Everything the demo started and saw; `report` is what it printed, as data."""
 
-        async def one(user: str) -> None:
-            start = loop.time()
-            try:
-                async with session.post(
-                    url,
-                    json={"features": [rng.random() for _ in range(4)]},
-                    headers={"x-user-id": user},
-                ) as response:
-                    await response.read()
-                    result.statuses[response.status] += 1
-                    variant = response.headers.get("x-modelgate-variant", "-")
-                    result.by_variant[variant].append((loop.time() - start) * 1000)
-            except aiohttp.ClientError:
-                result.errors += 1
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.log_dir = workdir / "logs"
+        self.processes: list[asyncio.subprocess.Process] = []
+        self.gateway_url = ""
+        self.admin_url = ""
+        self.model_urls: dict[str, str] = {}
+        self.report: dict[str, Any] = {}
 
-        start = loop.time()
-        interval = 1.0 / rate
-        next_send = start
-        while loop.time() - start < duration_s:
-            task = loop.create_task(one(f"user-{rng.randrange(5000)}"))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            result.sent += 1
-            next_send += interval
-            delay = next_send - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        if pending:
-            await asyncio.wait(pending, timeout=10)
-
-
-def _print_report(result: DemoResult, elapsed_s: float) -> None:
-    answered = sum(len(v) for v in result.by_variant.values())
-    print(
-        f"\nsent {result.sent} requests in {elapsed_s:.1f} s; {answered} answered, "
-        f"{result.errors} connection errors; statuses {dict(result.statuses)}\n"
-    )
-    total_weight = sum(result.weights.values()) or 1.0
-    header = (
-        f"{'variant':<28}{'requests':>9}{'share':>8}{'expected':>10}"
-        f"{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
-    )
-    print(header)
-    print("-" * len(header))
-    for variant in sorted(result.by_variant):
-        latencies = np.array(result.by_variant[variant])
-        share = len(latencies) / answered if answered else 0.0
-        name = variant.partition("=")[2]
-        expected = result.weights.get(name, 0.0) / total_weight
-        p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
-        print(
-            f"{variant:<28}{len(latencies):>9}{share:>8.1%}{expected:>10.1%}"
-            f"{p50:>9.1f}{p90:>9.1f}{p99:>9.1f}"
+    async def start_model(self, name: str, model_path: Path) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "modelgate",
+            "--log-level",
+            "WARNING",
+            "mock-model",
+            "--model",
+            str(model_path),
+            "--name",
+            name,
+            "--port",
+            "0",
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,
         )
-    print(
-        "\nThe same user always lands on the same variant: the split is by "
-        "XXH64(salt:unit) mod 10000 (see README)."
-    )
+        self.processes.append(proc)
+        assert proc.stdout is not None
+        async with asyncio.timeout(30):
+            line = (await proc.stdout.readline()).decode()
+        if "listening on" not in line:
+            raise RuntimeError(f"mock-model {name} did not start: {line!r}")
+        self.model_urls[name] = line.rsplit(" ", 1)[1].strip()
+
+    async def start_gateway(self, config: dict[str, Any]) -> None:
+        path = self.workdir / "gateway.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "modelgate",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--config",
+            str(path),
+            start_new_session=True,
+        )
+        self.processes.append(proc)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(300):
+                if proc.returncode is not None:
+                    raise RuntimeError(f"modelgate serve exited with {proc.returncode}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(self.admin_url + "/readyz") as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.1)
+        raise RuntimeError("the gateway did not become ready in 30 s")
+
+    async def stop(self) -> None:
+        for proc in reversed(self.processes):
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        for proc in self.processes:
+            try:
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+
+def gateway_config(run: DemoRun, gateway_port: int, admin_port: int) -> dict[str, Any]:
+    urls = run.model_urls
+    return {
+        "listen": f"127.0.0.1:{gateway_port}",
+        "admin": f"127.0.0.1:{admin_port}",
+        "log_dir": str(run.log_dir),
+        "upstreams": {name: {"url": url, "timeout_ms": 5000} for name, url in urls.items()},
+        "routes": [
+            {
+                "name": "predict",
+                "match": {"path_prefix": "/predict", "methods": ["POST"]},
+                "unit": ["json:user"],
+                "experiment": {
+                    "name": "digits",
+                    "variants": [
+                        {"name": "control", "upstream": "model-v1", "weight": AB_WEIGHTS[0]},
+                        {"name": "candidate", "upstream": "model-v2", "weight": AB_WEIGHTS[1]},
+                    ],
+                },
+                "shadows": [
+                    {
+                        "upstream": "model-v3",
+                        "sample": 1.0,
+                        "compare": {"fields": ["/label"], "ignore": ["/model"]},
+                    },
+                ],
+                "chaos": [
+                    {
+                        "name": "slow-candidate",
+                        "variant": "candidate",
+                        "probability": 0.25,
+                        "seed": 7,
+                        "delay": {
+                            "distribution": "lognormal",
+                            "median_ms": 40,
+                            "sigma": 0.3,
+                            "max_ms": 500,
+                        },
+                    }
+                ],
+            },
+            {
+                "name": "rollout",
+                "match": {"path_prefix": "/rollout", "methods": ["POST"]},
+                "unit": ["json:user"],
+                "experiment": {
+                    "name": "rollout",
+                    "variants": [
+                        {"name": "stable", "upstream": "model-v1", "weight": 99},
+                        {"name": "next", "upstream": "model-v2", "weight": 1},
+                    ],
+                },
+            },
+        ],
+    }
+
+
+async def post_outcomes(run: DemoRun, models: DemoModels, rows_sent: int) -> dict[str, Any]:
+    """Feedback from the true labels: for each row (unit) that was sent, 1 if the model of
+    its variant got it right. Posted by (experiment, unit): the gateway recomputes the
+    variant from the unit, so nothing is stored per request."""
+    table = VariantTable(list(AB_WEIGHTS))
+    by_variant = {0: "model-v1", 1: "model-v2"}
+    predictions = {
+        name: models.estimators[name].predict(models.features) for name in by_variant.values()
+    }
+    items = []
+    for row in range(min(rows_sent, len(models.features))):
+        variant = table.assign("digits", f"row-{row}")
+        correct = int(predictions[by_variant[variant]][row] == models.labels[row])
+        items.append(
+            {"experiment": "digits", "unit": f"row-{row}", "metric": "correct", "value": correct}
+        )
+    accepted = 0
+    async with aiohttp.ClientSession() as session:
+        for start in range(0, len(items), 500):
+            async with session.post(
+                run.gateway_url + "/_modelgate/feedback", json=items[start : start + 500]
+            ) as response:
+                body = await response.json()
+                if response.status != 202:
+                    raise RuntimeError(f"feedback refused: {response.status} {body}")
+                accepted += int(body["accepted"])
+    return {"posted": len(items), "accepted": accepted}
+
+
+async def _admin_json(run: DemoRun, path: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(run.admin_url + path) as response:
+            try:
+                return response.status, await response.json()
+            except (aiohttp.ContentTypeError, ValueError):
+                return response.status, await response.text()
 
 
 async def run_demo_async(
-    duration_s: float = 5.0,
-    rate: float = 300.0,
-    config_path: str | None = None,
+    duration_s: float = 20.0,
+    rate: float = 150.0,
+    *,
+    keep_running: bool = False,
     quiet: bool = False,
-) -> DemoResult:
-    config = _load_demo_config(config_path)
-    runners: list[web.AppRunner] = []
-    raw = config.model_dump(mode="json", exclude_none=True)
-    gateway: Gateway | None = None
+    workdir: Path | None = None,
+) -> DemoRun:
+    say = (lambda *a: None) if quiet else print
+    owned = None
+    if workdir is None:
+        owned = tempfile.TemporaryDirectory(prefix="modelgate-demo-")
+        workdir = Path(owned.name)
+    run = DemoRun(workdir)
+    run.log_dir.mkdir(parents=True, exist_ok=True)
     try:
-        for index, name in enumerate(config.upstreams):
-            latency = _MOCK_LATENCY_MS[index % len(_MOCK_LATENCY_MS)]
-            runner, port = await start_mock(
-                MockSettings(
-                    name=name,
-                    latency_ms=latency,
-                    latency_dist="lognormal",
-                    latency_std_ms=latency / 3,
-                    seed=index,
-                ),
-            )
-            runners.append(runner)
-            raw["upstreams"][name]["url"] = f"http://127.0.0.1:{port}"
-            if not quiet:
-                print(f"mock model {name:<12} http://127.0.0.1:{port}  (~{latency:.0f} ms)")
-        from modelgate.config import validate_config
-
-        plan = compile_plan(validate_config(raw))
-        gateway = Gateway(plan)
-        sock = bind_socket("127.0.0.1", 0, reuse_port=False)
-        port = sock.getsockname()[1]
-        await gateway.listen(sock)
-        route = next(r for r in plan.routes if r.experiment is not None)
-        assert route.experiment is not None
-        url = f"http://127.0.0.1:{port}{route.path_prefix.decode()}"
-        result = DemoResult(
-            weights={
-                v.name: w
-                for v, w in zip(
-                    route.experiment.variants, route.experiment.table.weights, strict=True
-                )
-            }
+        say("training three digit classifiers on scikit-learn's bundled data ...")
+        models = await asyncio.to_thread(train_models)
+        for name, acc in models.accuracy.items():
+            say(f"  {name}: {models.description[name]:<42} held-out accuracy {acc:.1%}")
+        paths = models.save(workdir)
+        await asyncio.gather(*(run.start_model(name, path) for name, path in paths.items()))
+        gateway_port, admin_port = _free_port(), _free_port()
+        run.gateway_url = f"http://127.0.0.1:{gateway_port}"
+        run.admin_url = f"http://127.0.0.1:{admin_port}"
+        await run.start_gateway(gateway_config(run, gateway_port, admin_port))
+        say(f"gateway {run.gateway_url}  admin {run.admin_url}  logs {run.log_dir}")
+        traffic = workdir / "traffic.jsonl"
+        rows = models.write_traffic(traffic)
+        say(
+            f"driving {rate:g} req/s for {duration_s:g} s of held-out rows "
+            f"({rows} users) through the bench driver ..."
         )
-        if not quiet:
-            print(
-                f"gateway             http://127.0.0.1:{port}  "
-                f"(experiment {route.experiment.name!r} on {url})"
+        report: BenchReport = await run_bench(
+            BenchConfig(
+                url=run.gateway_url + "/predict",
+                rate=rate,
+                duration_s=duration_s,
+                method="POST",
+                body_file=str(traffic),
+                timeout_s=10.0,
             )
-            print(f"driving {rate:.0f} req/s for {duration_s:.0f} s ...")
-        started = time.monotonic()
-        await _drive(url, duration_s, rate, result)
+        )
+        run.report["bench"] = report.as_dict()
+        run.report["feedback"] = await post_outcomes(run, models, report.sent)
+        await asyncio.sleep(1.2)  # the diff log and exposure writers flush every second
+        run.report["experiment"] = await _admin_json(run, "/experiments/digits")
+        run.report["canaries"] = await _admin_json(run, "/canaries")
+        run.report["status"] = await _admin_json(run, "/status")
+        run.report["accuracy"] = models.accuracy
         if not quiet:
-            _print_report(result, time.monotonic() - started)
-        return result
+            print_report(run)
+        if keep_running:
+            print(
+                f"\nleft running: gateway {run.gateway_url}, admin {run.admin_url} "
+                f"(/status, /metrics, /experiments/digits), models {run.model_urls}."
+            )
+            print("Ctrl-C stops everything.")
+            await asyncio.Event().wait()
+        return run
     finally:
-        if gateway is not None:
-            await gateway.drain(2.0)
-        for runner in runners:
-            await runner.cleanup()
+        await run.stop()
+        if owned is not None and not keep_running:
+            owned.cleanup()
 
 
-def run_demo(duration_s: float = 5.0, rate: float = 300.0, config_path: str | None = None) -> int:
-    """Runs the demo; Ctrl-C stops it cleanly (the finally blocks tear everything down)."""
+def run_demo(duration_s: float = 20.0, rate: float = 150.0, keep_running: bool = False) -> int:
+    """Runs the demo; Ctrl-C stops it cleanly (the finally blocks stop every process)."""
     if duration_s <= 0 or rate <= 0:
-        print("modelgate demo: --duration and --rate must be > 0")
+        print("modelgate demo: --duration and --rate must be > 0", file=sys.stderr)
         return 2
-    if config_path is not None and not Path(config_path).exists():
-        print(f"modelgate demo: no such config file: {config_path}")
+    try:
+        import sklearn  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        print("modelgate demo needs scikit-learn: pip install 'modelgate[demo]'", file=sys.stderr)
         return 2
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(run_demo_async(duration_s, rate, config_path))
-        return 0
-    print("\ninterrupted; everything stopped")
-    return 130
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        uvloop.run(run_demo_async(duration_s, rate, keep_running=keep_running))
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything stopped")
+        return 130
+    except RuntimeError as exc:
+        print(f"modelgate demo: {exc}", file=sys.stderr)
+        return 1
+    return 0

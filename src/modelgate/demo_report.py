@@ -1,0 +1,112 @@
+"""What `modelgate demo` prints: the split and SRM check, per-arm latency, the chaos rule's
+effect, shadow agreement from the diff log, the canary's transitions, and the A/B result."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from modelgate.difflog import DiffLogError, read_difflog
+from modelgate.stats import srm_test
+
+if TYPE_CHECKING:
+    from modelgate.demo import DemoRun
+
+__all__ = ["ab_summary", "print_report", "shadow_summary"]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.1f}"
+
+
+def _section(title: str) -> None:
+    print(f"\n== {title} " + "=" * max(0, 70 - len(title)))
+
+
+def shadow_summary(run: DemoRun) -> list[dict[str, Any]]:
+    from modelgate.difflog_cli import summarize
+
+    try:
+        records, names = read_difflog(run.log_dir)
+    except DiffLogError:
+        return []
+    pairs: list[dict[str, Any]] = summarize(records, names)["pairs"]
+    return pairs
+
+
+def ab_summary(run: DemoRun) -> dict[str, Any] | None:
+    """The gateway's own A/B result (GET /experiments/digits), when it answered."""
+    status, body = run.report.get("experiment", (0, None))
+    return body if status == 200 and isinstance(body, dict) else None
+
+
+def print_report(run: DemoRun) -> None:
+    bench = run.report["bench"]
+    variants = {k: v for k, v in bench["variants"].items() if k != "-"}
+    total = sum(v["responses"] for v in variants.values())
+    _section("traffic")
+    print(
+        f"sent {bench['sent']} requests, {bench['responses']} answered, "
+        f"{bench['error_count']} connection errors"
+    )
+
+    _section("split (sticky by user) and sample-ratio check")
+    counts = [variants.get(f"digits={n}", {}).get("responses", 0) for n in ("control", "candidate")]
+    srm = srm_test(counts, [50, 50])
+    for name, count in zip(("control", "candidate"), counts, strict=True):
+        share = count / total if total else 0.0
+        print(f"  digits={name:<10} {count:>6} responses  {share:6.1%}  (configured 50.0%)")
+    flag = "MISMATCH" if srm.mismatch else "ok"
+    print(f"  SRM chi-square p = {srm.p_value:.3g}: {flag}")
+
+    _section("latency per arm, from the scheduled send (ms), and the chaos rule")
+    print(f"  {'variant':<22}{'p50':>8}{'p90':>8}{'p99':>8}   faulted by chaos")
+    for name, group in sorted(variants.items()):
+        latency = group["latency_ms"]
+        faults = ", ".join(f"{rule} {n}" for rule, n in group.get("faults", {}).items()) or "-"
+        print(
+            f"  {name:<22}{_ms(latency.get('p50')):>8}{_ms(latency.get('p90')):>8}"
+            f"{_ms(latency.get('p99')):>8}   {faults}"
+        )
+    print("  (slow-candidate delays 25% of candidate requests by ~40 ms: see its p90/p99)")
+
+    _section("shadow model-v3 against the primary, from the diff log")
+    for pair in shadow_summary(run):
+        low, high = pair["agreement_ci95"] or (math.nan, math.nan)
+        agreement = pair["agreement"] or 0.0
+        print(
+            f"  route {pair['route']}, shadow {pair['shadow']}: {pair['records']} pairs, "
+            f"label agreement {agreement:.1%} (95% CI {low:.1%} - {high:.1%})"
+        )
+        lat = pair["latency_ms"]
+        print(
+            f"  latency p50 primary {lat['primary']['p50']:.1f} ms, "
+            f"shadow {lat['shadow']['p50']:.1f} ms"
+        )
+
+    _section("canary")
+    status, canaries = run.report.get("canaries", (0, None))
+    if status == 200 and canaries:
+        print(f"  {canaries}")
+    else:
+        print("  (no canary controller answered /canaries)")
+
+    _section("A/B result: was the prediction right? (feedback from the true labels)")
+    feedback = run.report["feedback"]
+    print(f"  {feedback['accepted']} outcomes posted, one per user")
+    for name, acc in run.report["accuracy"].items():
+        print(f"  offline held-out accuracy {name}: {acc:.1%}")
+    result = ab_summary(run)
+    if result is None:
+        print(f"  the gateway did not answer GET /experiments/digits: {run.report['experiment']}")
+        return
+    for comparison in result.get("comparisons", []):
+        if comparison.get("metric") != "correct":
+            continue
+        print(
+            f"  {comparison.get('variant')} vs {comparison.get('control')}: "
+            f"diff {comparison.get('diff', math.nan):+.3f} "
+            f"(95% CI {comparison.get('ci_low', math.nan):+.3f} .. "
+            f"{comparison.get('ci_high', math.nan):+.3f}), "
+            f"p = {comparison.get('p_value', math.nan):.3g}"
+        )
