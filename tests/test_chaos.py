@@ -317,3 +317,24 @@ def test_bad_rules_are_refused_with_their_key_path(rule: dict[str, Any], expecte
     with pytest.raises(ConfigError) as info:
         validate_config(chaos_config(rule))
     assert any(error.startswith(expected) for error in info.value.errors), info.value.errors
+
+
+@async_test
+async def test_rules_scoped_to_a_shadow_upstream_fault_only_the_copies() -> None:
+    from .test_shadow import CollectingSink, settle, shadow_config
+
+    config = shadow_config()
+    config["routes"][0]["chaos"] = [
+        {"name": "shadow-down", "upstream": "model-c", "probability": 1.0, "abort": {"status": 500}}
+    ]
+    mocks = dict(MOCKS, **{"model-c": MockSettings(name="model-c")})
+    async with gateway_stack(config, mocks) as stack, aiohttp.ClientSession() as session:
+        sink = CollectingSink()
+        stack.gateway.shadows.sink = sink
+        for i in range(10):
+            status, headers, _ = await post(session, stack, f"u{i}")
+            assert status == 200 and "x-modelgate-chaos" not in headers  # primary untouched
+        await settle(stack)
+        counts = stack.gateway.chaos.states[("predict", "shadow-down")].counts
+    assert [p.shadow_answer.status for p in sink.pairs] == [500] * 10
+    assert counts["abort"] == 10

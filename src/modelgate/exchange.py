@@ -548,10 +548,27 @@ class Exchange:
         if session is None:
             return
         self.shadow = session
+        shadow_upstreams = {s.upstream for s in route.shadows}
+        if any(rule.upstream in shadow_upstreams for rule in route.chaos):
+            session.faults_for = self._shadow_faults
         for chunk in self.body_chunks:  # what arrived before the route was decided
             session.add_request_body(chunk)
         if self.body_complete:
             session.request_complete(plan, self._shadow_head, self.method)
+
+    def _shadow_faults(self, upstream: str) -> ChaosDecision | None:
+        """Chaos for a shadow copy: only rules scoped to that shadow's upstream."""
+        route = self.route
+        plan = self.plan
+        assert route is not None and plan is not None
+        rules = [rule for rule in route.chaos if rule.upstream == upstream]
+        settings = plan.config.chaos
+        requested = (
+            self._header(settings.header.encode("latin-1")) if settings.request_header else None
+        )
+        return self.client.gateway.chaos.decide(
+            route.name, rules, self.variant_name, upstream, self.headers, None, requested
+        )
 
     def _feedback(self, plan: Plan) -> None:
         """POST feedback on the main listener: answered by the gateway itself."""
@@ -1040,8 +1057,11 @@ class Exchange:
         gateway.counters.count_response(
             route.name if route is not None else "", self.variant_name, self.response_status
         )
+        latency = gateway.loop.time() - self.started_at if self.started_at else 0.0
+        gateway.counters.observe_latency(
+            route.name if route is not None else "", self.variant_name, latency
+        )
         if self.assignments:
-            latency = gateway.loop.time() - self.started_at
             error = self.response_status >= 500 or self.response_status == 0
             for experiment, variant, enrolled in self.assignments:
                 if enrolled:

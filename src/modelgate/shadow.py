@@ -13,14 +13,17 @@ import asyncio
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from modelgate.chaos import ChaosRuntime, mutate_json
 from modelgate.core import bucket
 from modelgate.difflog import DiffLogWriter
 from modelgate.upstream import UpstreamRegistry
 
 if TYPE_CHECKING:
+    from modelgate.chaos import ChaosDecision
     from modelgate.config import CompareSpec
     from modelgate.plan import CompiledRoute, CompiledShadow, Plan
     from modelgate.upstream import UpstreamConnection, UpstreamPool
@@ -206,6 +209,7 @@ class ShadowSession:
         "primary_done",
         "started_at",
         "started_loop",
+        "faults_for",
     )
 
     def __init__(
@@ -237,6 +241,8 @@ class ShadowSession:
         self.primary_done = False
         self.started_at = time.time()
         self.started_loop = asyncio.get_running_loop().time()
+        # Chaos rules scoped to a shadow's upstream fault its copies (set by the exchange).
+        self.faults_for: Callable[[str], ChaosDecision | None] | None = None
 
     def _drop(self, outcome: str) -> None:
         if not self.dropped:
@@ -277,6 +283,8 @@ class ShadowSession:
                 continue
             target = plan.upstreams[shadow.upstream]
             call = ShadowCall(self, shadow, state, pool, method == b"HEAD")
+            if self.faults_for is not None:
+                call.chaos = self.faults_for(shadow.upstream)
             self.calls.append(call)
             dispatcher.count(self.route, shadow.name, "sent")
             call.send(head_for(target.host_header, target.base_path, len(body)), body)
@@ -367,6 +375,8 @@ class ShadowCall:
         "started",
         "parts",
         "retried",
+        "chaos",
+        "timer",
     )
 
     def __init__(
@@ -391,12 +401,43 @@ class ShadowCall:
         self.started = 0.0
         self.parts: list[bytes] = []
         self.retried = False
+        self.chaos: ChaosDecision | None = None
+        self.timer: asyncio.TimerHandle | None = None
 
     def send(self, head: bytes, body: bytes) -> None:
         self.state.inflight += 1
         self.parts = [head, body] if body else [head]
         self.dispatcher.track(self)
-        self.started = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self.started = loop.time()
+        chaos = self.chaos
+        if chaos is not None:
+            if chaos.delay_s > 0:
+                self.timer = loop.call_later(chaos.delay_s, self._after_delay)
+                return
+            self._after_delay()
+            return
+        conn = self.pool.acquire(self)
+        if conn is not None:
+            self.upstream_ready(conn)
+
+    def _after_delay(self) -> None:
+        self.timer = None
+        chaos = self.chaos
+        if self.done or chaos is None:
+            return
+        if chaos.abort is not None:
+            status, body = chaos.abort
+            self.answer.status = status
+            self.answer.content_type = b"application/json"
+            self.chunks = [body if body is not None else b'{"error":"chaos_abort"}']
+            self.finish()
+            return
+        if chaos.reset:
+            self.finish("reset")
+            return
+        if chaos.hang:
+            return  # never sent: the timeout ends it
         conn = self.pool.acquire(self)
         if conn is not None:
             self.upstream_ready(conn)
@@ -410,6 +451,11 @@ class ShadowCall:
             return
         self.done = True
         self.state.inflight -= 1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.chaos is not None:
+            ChaosRuntime.release(self.chaos)
         loop_now = asyncio.get_running_loop().time()
         self.answer.latency_s = loop_now - self.started
         self.answer.error = error
@@ -474,6 +520,11 @@ class ShadowCall:
         if session is not None and self.size > session.body_limit:
             self.finish("too_large")
             return
+        chaos = self.chaos
+        if chaos is not None and chaos.model is not None and chaos.rng is not None:
+            faulted = mutate_json(b"".join(self.chunks), chaos.model, chaos.rng)
+            if faulted is not None:
+                self.chunks = [faulted]
         self.finish()
 
     def upstream_pause_writing(self) -> None:
