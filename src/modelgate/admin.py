@@ -195,6 +195,7 @@ async def _metrics(request: web.Request) -> web.Response:
         last_success_time=control.last_success_time,
         started_at=control.started_at,
         workers=workers,
+        telemetry=await control.target.telemetry(),
     )
     body, content_type = render_metrics(snap, request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})

@@ -47,6 +47,7 @@ _UNIT_SOURCE = re.compile(r"^(header|cookie|query|json):(.+)$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 Name = Annotated[str, Field(pattern=_NAME, max_length=128)]
+_METRIC_NAME = r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$"  # as feedback metrics are named
 
 
 class ConfigError(Exception):
@@ -242,6 +243,19 @@ class SegmentSpec(_Strict):
     weights: dict[str, float] = Field(min_length=1)
 
 
+class AnalysisSpec(_Strict):
+    """How `GET /experiments/{name}` and `modelgate analyze` judge the experiment: the test
+    level, the power wanted, and per metric the minimum detectable effect (an absolute
+    difference of means, or of rates for 0/1 metrics) to size the experiment for."""
+
+    alpha: float = Field(0.05, gt=0, lt=1)
+    power: float = Field(0.8, gt=0, lt=1)
+    mde: dict[
+        Annotated[str, Field(pattern=_METRIC_NAME)],
+        Annotated[float, Field(gt=0, allow_inf_nan=False)],
+    ] = Field(default_factory=dict)
+
+
 class ExperimentSpec(_Strict):
     name: Name
     salt: str | None = None
@@ -254,6 +268,7 @@ class ExperimentSpec(_Strict):
     killed: bool = False
     layer: str | None = Field(None, pattern=_NAME, max_length=128)
     layer_share: float | None = Field(None, gt=0, le=1)
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
 
     @property
     def effective_salt(self) -> str:

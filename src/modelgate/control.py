@@ -62,6 +62,12 @@ class PlanTarget(Protocol):
     async def outcomes(self) -> list[dict[str, Any]]:
         """Each serving process's OutcomeStore.snapshot()."""
 
+    async def telemetry(self) -> list[dict[str, Any]]:
+        """Each serving process's live state: requests in flight, chaos rules and counts."""
+
+    async def set_chaos(self, route: str, rule: str, enabled: bool) -> None:
+        """Switches a chaos rule in every serving process; LookupError when one lacks it."""
+
     def ready(self) -> bool:
         """Serving a Plan and accepting connections."""
 

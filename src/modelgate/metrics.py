@@ -6,15 +6,15 @@ counters (summed over workers) and the control plane's state. Every sample carri
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from modelgate.telemetry import SCALAR_COUNTERS, CountSlice
+from modelgate.telemetry import LATENCY_BUCKETS_S, SCALAR_COUNTERS, TRACKED_FAMILIES, CountSlice
 
 __all__ = ["MetricsSnapshot", "render_metrics"]
 
@@ -36,6 +36,32 @@ _SCALAR_NAME = {
     "rejected_connections": "modelgate_rejected_connections",
 }
 
+# Families read from chaos, shadows, feedback and the record logs: metric name, help.
+_FAMILY = {
+    "chaos_faults": ("modelgate_chaos_faults", "Faults injected by chaos rules, by kind"),
+    "chaos_skipped": (
+        "modelgate_chaos_skipped",
+        "Requests a chaos rule would have faulted but left untouched (max_active reached)",
+    ),
+    "shadow_requests": (
+        "modelgate_shadow_requests",
+        "Shadow copies by outcome (sent, answered, timeout, dropped_*, ...)",
+    ),
+    "shadow_verdicts": (
+        "modelgate_shadow_verdicts",
+        "Shadow answers compared with the primary's, by verdict",
+    ),
+    "feedback": (
+        "modelgate_feedback",
+        "Feedback by result: accepted (items), counted (values added to a variant's "
+        "statistics), bad and unknown_request_id (posts refused)",
+    ),
+    "log_records": (
+        "modelgate_log_records",
+        "Exposure and feedback records written, or dropped with the reason",
+    ),
+}
+
 
 @dataclass(frozen=True)
 class MetricsSnapshot:
@@ -50,6 +76,7 @@ class MetricsSnapshot:
     last_success_time: float | None
     started_at: float
     workers: list[dict[str, Any]]
+    telemetry: list[dict[str, Any]] = field(default_factory=list)  # each process's live state
 
 
 class _SnapshotCollector(Collector):
@@ -85,6 +112,8 @@ class _SnapshotCollector(Collector):
         yield requests
         yield errors
         yield from scalars.values()
+        yield _latency_histogram(snap.counts)
+        yield from _tracked_families(snap.counts)
 
         reloads = CounterMetricFamily(
             "modelgate_config_reloads",
@@ -133,6 +162,52 @@ class _SnapshotCollector(Collector):
             now_label,
             sum(int(w.get("connections", 0)) for w in alive),
         )
+        yield _gauge(
+            "modelgate_requests_in_flight",
+            "Requests being handled (read, not yet answered), summed over workers",
+            now_label,
+            sum(int(t.get("requests_in_flight", 0)) for t in snap.telemetry),
+        )
+        yield _gauge(
+            "modelgate_upstream_requests_in_flight",
+            "Requests waiting on an upstream, summed over workers",
+            now_label,
+            sum(int(t.get("upstream_requests_in_flight", 0)) for t in snap.telemetry),
+        )
+
+
+def _latency_histogram(counts: dict[str, CountSlice]) -> HistogramMetricFamily:
+    histogram = HistogramMetricFamily(
+        "modelgate_request_duration_seconds",
+        "Time from a request's start to its response's end, by route and variant",
+        labels=["config_version", "route", "variant"],
+    )
+    bounds = [*(f"{b:g}" for b in LATENCY_BUCKETS_S), "+Inf"]
+    for label, counted in sorted(counts.items()):
+        series: dict[tuple[str, str], list[int]] = {}
+        for (route, variant, index), n in counted.latency.items():
+            series.setdefault((route, variant), [0] * len(bounds))[index] += n
+        for (route, variant), buckets in sorted(series.items()):
+            cumulative, running = [], 0
+            for bound, n in zip(bounds, buckets, strict=True):
+                running += n
+                cumulative.append((bound, running))
+            histogram.add_metric(
+                [label, route, variant],
+                buckets=cumulative,
+                sum_value=counted.latency_sum.get((route, variant), 0.0),
+            )
+    return histogram
+
+
+def _tracked_families(counts: dict[str, CountSlice]) -> Iterator[CounterMetricFamily]:
+    for family, labels in TRACKED_FAMILIES.items():
+        name, documentation = _FAMILY[family]
+        metric = CounterMetricFamily(name, documentation, labels=["config_version", *labels])
+        for label, counted in sorted(counts.items()):
+            for key, n in sorted(counted.families.get(family, {}).items()):
+                metric.add_metric([label, *key], n)
+        yield metric
 
 
 def _gauge(name: str, documentation: str, label: str, value: float) -> GaugeMetricFamily:

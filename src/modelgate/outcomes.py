@@ -19,37 +19,23 @@ import orjson
 
 from modelgate.core import xxh64
 from modelgate.exposure import ExposureLog
+from modelgate.feedbacklog import FLAG_BY_REQUEST_ID, FLAG_ENROLLED, FeedbackLog
+from modelgate.telemetry import LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
-    from modelgate.config import FeedbackSpec
+    from modelgate.config import FeedbackSpec, GatewayConfig
     from modelgate.plan import Plan
 
 __all__ = [
     "LATENCY_BUCKETS_S",
-    "merge_snapshots",
     "FeedbackError",
     "Moments",
     "OutcomeStore",
+    "experiment_designs",
     "latency_quantile",
+    "merge_snapshots",
 ]
 
-# Histogram buckets fit for model servers, 1 ms to 30 s (upper bounds, seconds; +Inf last).
-LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
 _METRIC = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 
 
@@ -153,11 +139,45 @@ class FeedbackError(Exception):
 Assignments = tuple[tuple[str, str, bool], ...]  # (experiment, variant, enrolled)
 
 
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One validated feedback item, before it is counted."""
+
+    assignments: Assignments
+    metric: str
+    value: float
+    unit_hash: int  # xxh64 of the unit for feedback by unit, else 0
+    request_id: bytes  # for feedback by request id, else b""
+
+
+def experiment_designs(config: GatewayConfig) -> dict[str, dict[str, Any]]:
+    """What an analysis needs of each experiment's config, JSON-able: variants in config
+    order, weights, the control (`default`, else the first variant) and analysis settings.
+    Written into the exposure sidecars so files can be analyzed without the config."""
+    designs: dict[str, dict[str, Any]] = {}
+    for route in config.routes:
+        for spec in (route.experiment, *route.experiments):
+            if spec is None:
+                continue
+            designs[spec.name] = {
+                "name": spec.name,
+                "route": route.name,
+                "variants": [v.name for v in spec.variants],
+                "weights": [v.weight for v in spec.variants],
+                "control": spec.default if spec.default is not None else spec.variants[0].name,
+                "segments": len(spec.segments),
+                "analysis": spec.analysis.model_dump(mode="json"),
+            }
+    return designs
+
+
 class OutcomeStore:
     """Per process: recent request ids (bounded, time-limited), outcomes, system metrics."""
 
     def __init__(self) -> None:
         self.exposures: ExposureLog | None = None  # opened on the first exposure
+        self.feedback_log: FeedbackLog | None = None  # opened on the first feedback
+        self._described: GatewayConfig | None = None  # the config the logs' meta describes
         self.recent: OrderedDict[bytes, tuple[float, Assignments]] = OrderedDict()
         self.outcomes: dict[tuple[str, str, str], Moments] = {}
         self.system: dict[tuple[str, str], VariantSystem] = {}
@@ -189,12 +209,24 @@ class OutcomeStore:
         if log is None:
             log = self.exposures = ExposureLog(plan.config.log_dir)
             log.start()
+        if plan.config is not self._described:
+            self._describe(plan.config)
         log.add(request_id, xxh64(unit.encode("utf-8")) if unit else 0, experiment, variant, flags)
 
+    def _describe(self, config: GatewayConfig) -> None:
+        """The experiments' design goes into the sidecars (a new dict: the writer threads
+        read the reference they find, never a half-updated one)."""
+        self._described = config
+        meta = {"experiments": experiment_designs(config)}
+        for log in (self.exposures, self.feedback_log):
+            if log is not None:
+                log.meta = meta
+
     def close(self) -> None:
-        if self.exposures is not None:
-            self.exposures.close()
-            self.exposures = None
+        for log in (self.exposures, self.feedback_log):
+            if log is not None:
+                log.close()
+        self.exposures = self.feedback_log = None
 
     def observe(self, experiment: str, variant: str, latency_s: float, error: bool) -> None:
         key = (experiment, variant)
@@ -224,7 +256,7 @@ class OutcomeStore:
         if not items:
             self.counts["bad"] += 1
             raise FeedbackError(400, "bad_feedback", "an empty batch")
-        resolved: list[tuple[Assignments, str, float]] = []
+        resolved: list[_Item] = []
         for index, item in enumerate(items):
             where = f"[{index}]" if isinstance(document, list) else ""
             try:
@@ -233,20 +265,43 @@ class OutcomeStore:
                 self.counts["unknown_request_id" if exc.status == 404 else "bad"] += 1
                 raise FeedbackError(exc.status, exc.code, f"{where}{exc.detail}") from None
         counted = 0
-        for assignments, metric, value in resolved:
-            for experiment, variant, enrolled in assignments:
+        log = self._feedback_log(plan) if plan.exposures else None
+        for found in resolved:
+            flags = FLAG_BY_REQUEST_ID if found.request_id else 0
+            for experiment, variant, enrolled in found.assignments:
+                if log is not None:
+                    log.add(
+                        found.unit_hash,
+                        found.value,
+                        found.request_id,
+                        experiment,
+                        variant,
+                        found.metric,
+                        flags | (FLAG_ENROLLED if enrolled else 0),
+                    )
                 if not enrolled:
                     continue
-                key = (experiment, variant, metric)
+                key = (experiment, variant, found.metric)
                 moments = self.outcomes.get(key)
                 if moments is None:
                     moments = self.outcomes[key] = Moments()
-                moments.add(value)
+                moments.add(found.value)
                 counted += 1
         self.counts["accepted"] += len(resolved)
+        self.counts["counted"] += counted
         return {"accepted": len(resolved), "counted": counted}
 
-    def _resolve(self, item: Any, plan: Plan, now: float) -> tuple[Assignments, str, float]:
+    def _feedback_log(self, plan: Plan) -> FeedbackLog:
+        log = self.feedback_log
+        if log is None:
+            log = self.feedback_log = FeedbackLog(plan.config.log_dir)
+            log.start()
+            self._described = None
+        if plan.config is not self._described:
+            self._describe(plan.config)
+        return log
+
+    def _resolve(self, item: Any, plan: Plan, now: float) -> _Item:
         if not isinstance(item, dict):
             raise FeedbackError(400, "bad_feedback", "each item must be a JSON object")
         metric = item.get("metric")
@@ -277,7 +332,7 @@ class OutcomeStore:
                     "unknown_request_id",
                     f"request {rid!r} is unknown or older than {ttl:g} s (or had no experiment)",
                 )
-            return found[1], metric, float(value)
+            return _Item(found[1], metric, float(value), 0, rid.encode("ascii", "replace"))
         experiment_name = item.get("experiment")
         unit = item.get("unit")
         if not isinstance(experiment_name, str) or not isinstance(unit, (str, int)):
@@ -297,7 +352,13 @@ class OutcomeStore:
                 f"unit {unit!r} is not in {experiment_name!r}: its layer puts it elsewhere",
             )
         variant = experiment.variants[assignment.index].name
-        return ((experiment_name, variant, assignment.enrolled),), metric, float(value)
+        return _Item(
+            ((experiment_name, variant, assignment.enrolled),),
+            metric,
+            float(value),
+            xxh64(str(unit).encode("utf-8")),
+            b"",
+        )
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,84 @@ from modelgate.server import Gateway, bind_socket
 from modelgate.telemetry import CountSlice
 from modelgate.watch import watch_file
 
-__all__ = ["LocalTarget", "attach_control", "serve", "start_gateway", "supervise"]
+__all__ = [
+    "LocalTarget",
+    "attach_control",
+    "process_telemetry",
+    "serve",
+    "start_gateway",
+    "supervise",
+    "switch_chaos",
+    "track_gateway",
+]
 
 log = logging.getLogger("modelgate")
+
+
+def _chaos_counts(gateway: Gateway, skipped: bool) -> Counter[tuple[str, ...]]:
+    out: Counter[tuple[str, ...]] = Counter()
+    for (route, rule), state in gateway.chaos.states.items():
+        for kind, n in state.counts.items():
+            if kind.startswith("skipped_") == skipped:
+                out[(route, rule, kind.removeprefix("skipped_"))] += n
+    return out
+
+
+def _verdict_counts(gateway: Gateway) -> Counter[tuple[str, ...]]:
+    writer = gateway.shadows.writer
+    out: Counter[tuple[str, ...]] = Counter()
+    if writer is not None:
+        for (route, shadow), verdicts in writer.stats()["verdicts"].items():
+            for verdict, n in verdicts.items():
+                out[(route, shadow, verdict)] += n
+    return out
+
+
+def _log_counts(gateway: Gateway) -> Counter[tuple[str, ...]]:
+    out: Counter[tuple[str, ...]] = Counter()
+    for name, record_log in (
+        ("exposure", gateway.outcomes.exposures),
+        ("feedback", gateway.outcomes.feedback_log),
+    ):
+        if record_log is not None:
+            out[(name, "written")] += record_log.written
+            for reason, n in record_log.dropped.items():
+                out[(name, f"dropped_{reason}")] += n
+    return out
+
+
+def track_gateway(gateway: Gateway) -> None:
+    """Lets the gateway's Counters read the counts kept by chaos, shadows, feedback and the
+    record logs, so they are exported by config version like the request counts."""
+    counters = gateway.counters
+    counters.track("chaos_faults", lambda: _chaos_counts(gateway, skipped=False))
+    counters.track("chaos_skipped", lambda: _chaos_counts(gateway, skipped=True))
+    counters.track("shadow_requests", lambda: gateway.shadows.counters)
+    counters.track("shadow_verdicts", lambda: _verdict_counts(gateway))
+    counters.track("feedback", lambda: {(k,): n for k, n in gateway.outcomes.counts.items()})
+    counters.track("log_records", lambda: _log_counts(gateway))
+
+
+def process_telemetry(gateway: Gateway) -> dict[str, Any]:
+    """This process's live state for /metrics gauges and GET /chaos."""
+    plan = gateway.plan
+    return {
+        "pid": os.getpid(),
+        "requests_in_flight": sum(1 for c in gateway.connections if c.current is not None),
+        "upstream_requests_in_flight": len(gateway.inflight),
+        "chaos": gateway.chaos.snapshot([(r.name, r.chaos) for r in plan.routes]),
+    }
+
+
+def switch_chaos(gateway: Gateway, route: str, rule: str, enabled: bool) -> bool:
+    """Turns a chaos rule of the running Plan on or off at once; False when unknown."""
+    for compiled in gateway.plan.routes:
+        if compiled.name == route:
+            for spec in compiled.chaos:
+                if spec.name == rule:
+                    gateway.chaos.set_enabled(route, spec, enabled)
+                    return True
+    return False
 
 
 class LocalTarget:
@@ -35,6 +111,7 @@ class LocalTarget:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        track_gateway(gateway)
 
     async def apply(self, config: GatewayConfig, plan: Plan) -> None:
         self.gateway.swap(plan)
@@ -48,6 +125,13 @@ class LocalTarget:
     async def outcomes(self) -> list[dict[str, Any]]:
         return [self.gateway.outcomes.snapshot()]
 
+    async def telemetry(self) -> list[dict[str, Any]]:
+        return [process_telemetry(self.gateway)]
+
+    async def set_chaos(self, route: str, rule: str, enabled: bool) -> None:
+        if not switch_chaos(self.gateway, route, rule, enabled):
+            raise LookupError(f"no chaos rule {rule!r} on route {route!r}")
+
     def ready(self) -> bool:
         return self.gateway.accepting
 
@@ -55,6 +139,7 @@ class LocalTarget:
 async def start_gateway(config: GatewayConfig, sock: socket.socket) -> Gateway:
     """A Gateway serving `config` on `sock`: what one process or one worker runs."""
     gateway = Gateway(compile_plan(config), asyncio.get_running_loop())
+    track_gateway(gateway)
     await gateway.listen(sock)
     return gateway
 

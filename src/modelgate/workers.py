@@ -1,6 +1,6 @@
 """`modelgate serve --workers N`: the parent runs the control plane and the admin API; each
 forked worker runs a Gateway on the shared SO_REUSEPORT port and takes orders from the parent
-over a socketpair (length-prefixed JSON: apply a config, report status, report counters).
+over a socketpair (length-prefixed JSON: apply, status, counters, outcomes, telemetry, chaos).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from modelgate.admin import bind_admin, check_admin_exposure, resolve_admin_toke
 from modelgate.config import ConfigError, GatewayConfig, validate_config
 from modelgate.control import ControlPlane, ReloadError
 from modelgate.plan import Plan, compile_plan
-from modelgate.process import start_gateway, supervise
+from modelgate.process import process_telemetry, start_gateway, supervise, switch_chaos
 from modelgate.server import Gateway, StartupError, bind_socket
 from modelgate.telemetry import CountSlice
 
@@ -81,6 +81,13 @@ def _handle(gateway: Gateway, message: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "counters": {k: v.to_json() for k, v in export.items()}}
     if kind == "outcomes":
         return {"ok": True, "outcomes": gateway.outcomes.snapshot()}
+    if kind == "telemetry":
+        return {"ok": True, "telemetry": process_telemetry(gateway)}
+    if kind == "chaos_switch":
+        route, rule = str(message["route"]), str(message["rule"])
+        if switch_chaos(gateway, route, rule, bool(message["enabled"])):
+            return {"ok": True}
+        return {"ok": False, "errors": [f"no chaos rule {rule!r} on route {route!r}"]}
     return {"ok": False, "errors": [f"unknown message type {kind!r}"]}
 
 
@@ -260,6 +267,21 @@ class WorkerPool:
     async def outcomes(self) -> list[dict[str, Any]]:
         replies = await asyncio.gather(*(self._ask(w, "outcomes") for w in self.workers_))
         return [r["outcomes"] for r in replies if r is not None and r.get("ok")]
+
+    async def telemetry(self) -> list[dict[str, Any]]:
+        replies = await asyncio.gather(*(self._ask(w, "telemetry") for w in self.workers_))
+        return [r["telemetry"] for r in replies if r is not None and r.get("ok")]
+
+    async def set_chaos(self, route: str, rule: str, enabled: bool) -> None:
+        """Every live worker switches the rule before this returns (or it raises)."""
+        message = {"type": "chaos_switch", "route": route, "rule": rule, "enabled": enabled}
+        live = [w for w in self.workers_ if w.alive]
+        replies = await asyncio.gather(*(w.request(message) for w in live), return_exceptions=True)
+        for worker, reply in zip(live, replies, strict=True):
+            if isinstance(reply, BaseException):
+                raise ConnectionError(f"worker {worker.pid}: {reply or 'no reply in time'}")
+            if not reply.get("ok"):
+                raise LookupError(f"worker {worker.pid}: " + "; ".join(reply.get("errors", [])))
 
     def ready(self) -> bool:
         return all(w.alive and w.listening for w in self.workers_)
