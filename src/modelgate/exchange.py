@@ -1057,8 +1057,11 @@ class Exchange:
         gateway.counters.count_response(
             route.name if route is not None else "", self.variant_name, self.response_status
         )
+        latency = gateway.loop.time() - self.started_at if self.started_at else 0.0
+        gateway.counters.observe_latency(
+            route.name if route is not None else "", self.variant_name, latency
+        )
         if self.assignments:
-            latency = gateway.loop.time() - self.started_at
             error = self.response_status >= 500 or self.response_status == 0
             for experiment, variant, enrolled in self.assignments:
                 if enrolled:
