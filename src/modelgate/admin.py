@@ -17,6 +17,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from modelgate.admin_chaos import add_chaos_routes
+from modelgate.admin_results import add_result_routes
 from modelgate.config import GatewayConfig
 from modelgate.control import ControlPlane, ReloadError
 from modelgate.http11 import is_valid_request_id
@@ -223,6 +225,8 @@ def build_admin_app(control: ControlPlane, token: str | None) -> web.Application
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    add_result_routes(app, control)  # GET /experiments, /experiments/{name}
+    add_chaos_routes(app, control)  # GET /chaos, POST /chaos/{route}/{rule}/enable|disable
     return app
 
 

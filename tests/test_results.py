@@ -1,0 +1,249 @@
+"""GET /experiments/{name}: per-variant summaries, Welch and proportion tests against scipy,
+Holm, SRM against scipy's chisquare, sample size, 404s; and the same with `--workers 2`."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats  # type: ignore[import-untyped]
+
+from modelgate.mock import MockSettings, start_mock
+from modelgate.results import is_binary
+from modelgate.stats import holm, proportion_sample_size, sample_size
+
+from .support import (
+    ServeProcesses,
+    ab_config,
+    admin_stack,
+    async_test,
+    free_port,
+    get_json,
+    served_config,
+    wait_listening,
+    wait_until,
+)
+from .test_outcomes import variant_of
+
+MOCKS = {"model-a": MockSettings(name="model-a"), "model-b": MockSettings(name="model-b")}
+FEEDBACK = "/_modelgate/feedback"
+ANALYSIS = {"alpha": 0.05, "power": 0.8, "mde": {"rating": 0.1, "clicked": 0.05}}
+
+
+def analysis_config(**extra: Any) -> dict[str, Any]:
+    config = ab_config(**extra)
+    config["routes"][0]["experiment"]["analysis"] = ANALYSIS
+    return config
+
+
+async def drive(
+    url: str, units: int, seed: int = 7, *, clicks_by_request_id: bool = True
+) -> dict[str, dict[str, list[float]]]:
+    """One request per unit, then a rating per unit (by unit) and a click per request (by
+    request id, else by unit). Returns the values sent, by metric and variant."""
+    rng = random.Random(seed)
+    sent: dict[str, dict[str, list[float]]] = {
+        "rating": {"control": [], "candidate": []},
+        "clicked": {"control": [], "candidate": []},
+    }
+    connector = aiohttp.TCPConnector(limit=16, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def request(unit: str) -> str:
+            async with session.post(
+                url + "/predict", json={}, headers={"x-user-id": unit}
+            ) as response:
+                assert response.status == 200
+                return response.headers["x-request-id"]
+
+        names = [f"user-{i}" for i in range(units)]
+        ids = await asyncio.gather(*(request(u) for u in names))
+        ratings, clicks = [], []
+        for unit, rid in zip(names, ids, strict=True):
+            variant = variant_of(unit)
+            rating = rng.gauss(1.0 if variant == "control" else 1.15, 0.5)
+            click = int(rng.random() < (0.3 if variant == "control" else 0.4))
+            sent["rating"][variant].append(rating)
+            sent["clicked"][variant].append(click)
+            ratings.append(
+                {"experiment": "ranker", "unit": unit, "metric": "rating", "value": rating}
+            )
+            key = (
+                {"request_id": rid}
+                if clicks_by_request_id
+                else {"experiment": "ranker", "unit": unit}
+            )
+            clicks.append({**key, "metric": "clicked", "value": bool(click)})
+        for batch in (ratings, clicks):
+            for start in range(0, len(batch), 250):
+                async with session.post(
+                    url + FEEDBACK, json=batch[start : start + 250]
+                ) as response:
+                    assert response.status == 202, await response.text()
+    return sent
+
+
+def check_results(body: dict[str, Any], sent: dict[str, dict[str, list[float]]]) -> None:
+    """The results equal scipy's tests on the very values sent."""
+    assert body["experiment"] == "ranker" and body["control"] == "control"
+    variants = {v["name"]: v for v in body["variants"]}
+    counts = [variants["control"]["n"], variants["candidate"]["n"]]
+    assert counts == [len(sent["rating"]["control"]), len(sent["rating"]["candidate"])]
+    by_metric = {c["metric"]: c for c in body["comparisons"]}
+    assert body["metrics"] == {"clicked": {"binary": True}, "rating": {"binary": False}}
+
+    a, b = sent["rating"]["control"], sent["rating"]["candidate"]
+    welch = by_metric["rating"]
+    theirs = scipy_stats.ttest_ind(b, a, equal_var=False)
+    ci = theirs.confidence_interval(0.95)
+    assert welch["test"] == "welch" and welch["variant"] == "candidate"
+    assert welch["t"] == pytest.approx(theirs.statistic, rel=1e-9)
+    assert welch["p_value"] == pytest.approx(theirs.pvalue, rel=1e-9)
+    assert welch["df"] == pytest.approx(theirs.df, rel=1e-9)
+    assert welch["diff"] == pytest.approx(np.mean(b) - np.mean(a), rel=1e-9)
+    assert (welch["ci_low"], welch["ci_high"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    assert welch["rel_diff"] == pytest.approx((np.mean(b) - np.mean(a)) / np.mean(a), rel=1e-9)
+    rating = variants["candidate"]["metrics"]["rating"]
+    assert rating["count"] == len(b)
+    assert rating["mean"] == pytest.approx(np.mean(b), rel=1e-12)
+    assert rating["variance"] == pytest.approx(np.var(b, ddof=1), rel=1e-9)
+
+    xa, xb = sent["clicked"]["control"], sent["clicked"]["candidate"]
+    prop = by_metric["clicked"]
+    table = [[sum(xa), len(xa) - sum(xa)], [sum(xb), len(xb) - sum(xb)]]
+    chi2 = scipy_stats.chi2_contingency(table, correction=False)
+    assert prop["test"] == "proportion"
+    assert prop["p_value"] == pytest.approx(chi2.pvalue, rel=1e-9)
+    assert prop["diff"] == pytest.approx(np.mean(xb) - np.mean(xa), rel=1e-12)
+    assert variants["control"]["metrics"]["clicked"]["ones"] == sum(xa)
+
+    adjusted = holm([by_metric["clicked"]["p_value"], by_metric["rating"]["p_value"]])
+    assert by_metric["clicked"]["p_value_holm"] == pytest.approx(adjusted[0], rel=1e-12)
+    assert by_metric["rating"]["p_value_holm"] == pytest.approx(adjusted[1], rel=1e-12)
+    assert body["multiple_testing"] == {"method": "holm", "tests": 2}
+
+    expected = [sum(counts) / 2] * 2
+    srm = scipy_stats.chisquare(counts, expected)
+    assert body["srm"]["p_value"] == pytest.approx(srm.pvalue, rel=1e-9)
+    assert body["srm"]["chi2"] == pytest.approx(srm.statistic, rel=1e-9)
+    assert body["srm"]["mismatch"] is bool(srm.pvalue < 0.001)
+
+    sizes = {s["metric"]: s for s in body["sample_size"]}
+    n_rating = sample_size(0.1, float(np.std(a, ddof=1)), 0.05, 0.8)
+    assert sizes["rating"]["n_per_arm"] == int(np.ceil(n_rating))
+    assert sizes["rating"]["still_needed"] == {
+        "control": max(0, int(np.ceil(n_rating)) - len(a)),
+        "candidate": max(0, int(np.ceil(n_rating)) - len(b)),
+    }
+    p_a = float(np.mean(xa))
+    n_clicked = proportion_sample_size(p_a, p_a + 0.05, 0.05, 0.8)
+    assert sizes["clicked"]["n_per_arm"] == int(np.ceil(n_clicked))
+
+
+@async_test
+async def test_results_equal_scipy_on_the_values_posted() -> None:
+    async with admin_stack(analysis_config(), MOCKS) as admin:
+        sent = await drive(admin.stack.url, 400)
+        async with aiohttp.ClientSession() as session:
+            status, body = await get_json(session, admin.admin_url + "/experiments/ranker")
+            assert status == 200, body
+            check_results(body, sent)
+            status, listing = await get_json(session, admin.admin_url + "/experiments")
+            assert status == 200
+            assert [e["experiment"] for e in listing["experiments"]] == ["ranker"]
+            status, missing = await get_json(session, admin.admin_url + "/experiments/nope")
+            assert status == 404
+            assert missing["error"] == "unknown_experiment"
+            assert "'nope'" in missing["detail"] and "ranker" in missing["detail"]
+            assert set(missing) == {"error", "detail", "request_id"}
+
+
+@async_test
+async def test_results_before_any_feedback_and_with_an_srm() -> None:
+    config = analysis_config()
+    async with admin_stack(config, MOCKS) as admin, aiohttp.ClientSession() as session:
+        # Every unit forced onto the candidate: the observed split is far from 50/50.
+        units = [f"u{i}" for i in range(300)]
+        candidates = [u for u in units if variant_of(u) == "candidate"][:60]
+        for unit in candidates:
+            async with session.post(
+                admin.stack.url + "/predict", json={}, headers={"x-user-id": unit}
+            ) as response:
+                assert response.status == 200
+        status, body = await get_json(session, admin.admin_url + "/experiments/ranker")
+    assert status == 200
+    assert [v["n"] for v in body["variants"]] == [0, 60]
+    assert body["srm"]["mismatch"] is True and body["srm"]["p_value"] < 1e-9
+    assert body["comparisons"] == [] and body["metrics"] == {}
+    assert {s["metric"] for s in body["sample_size"]} == {"rating", "clicked"}
+    assert all("error" in s for s in body["sample_size"])
+
+
+def test_binary_detection_from_moments() -> None:
+    from modelgate.outcomes import Moments
+
+    rng = random.Random(1)
+    for values, binary in (
+        ([rng.random() < 0.3 for _ in range(10_000)], True),
+        ([1.0] * 50, True),
+        ([0.0] * 50, True),
+        ([0.0, 1.0, 2.0], False),
+        ([0.5, 0.5], False),
+        ([1.0, 1.0, -1.0, 1.0], False),
+        ([0.0, 1.0, 1.0, 0.25], False),
+    ):
+        moments = Moments()
+        for value in values:
+            moments.add(float(value))
+        found = is_binary(moments.count, moments.mean, moments.m2, moments.ones)
+        assert found is binary, values
+    assert is_binary(0, 0.0, 0.0, 0) is False
+
+
+pytestmark_workers = pytest.mark.skipif(
+    not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT"
+)
+
+
+@pytestmark_workers
+def test_results_with_two_workers(tmp_path: Path) -> None:
+    @async_test
+    async def run() -> None:
+        runner, upstream_port = await start_mock(MockSettings(name="m"))
+        try:
+            port, admin_port = free_port(), free_port()
+            ports = {"model-a": upstream_port, "model-b": upstream_port}
+            config = served_config(analysis_config(log_dir=str(tmp_path)), ports, port, admin_port)
+            proc = processes.start(config, "--workers", "2")
+            await asyncio.to_thread(wait_listening, port, proc)
+            admin = f"http://127.0.0.1:{admin_port}"
+            async with aiohttp.ClientSession() as session:
+
+                async def ready() -> bool:
+                    try:
+                        return (await get_json(session, admin + "/readyz"))[0] == 200
+                    except aiohttp.ClientError:
+                        return False
+
+                await wait_until(ready, "both workers serving")
+                # Request ids are remembered by the worker that served the request, and the
+                # feedback may reach the other one: clicks go by unit here.
+                url = f"http://127.0.0.1:{port}"
+                sent = await drive(url, 300, seed=11, clicks_by_request_id=False)
+                _, status = await get_json(session, admin + "/status")
+                served = [w["pid"] for w in status["workers"]]
+                status_code, body = await get_json(session, admin + "/experiments/ranker")
+            assert status_code == 200
+            assert len(served) == 2
+            check_results(body, sent)
+        finally:
+            await runner.cleanup()
+
+    with ServeProcesses(tmp_path) as processes:
+        run()
