@@ -366,3 +366,27 @@ async def wait_until(
 async def get_json(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
     async with session.get(url) as response:
         return response.status, await response.json()
+
+
+async def serve_ready(
+    processes: ServeProcesses, config: dict[str, Any], *extra: str
+) -> subprocess.Popen[bytes]:
+    """Starts `modelgate serve` with `config` and waits until its admin API says ready
+    (GET /readyz 200: with --workers, every worker is serving)."""
+    proc = processes.start(config, *extra)
+    await asyncio.to_thread(wait_listening, parse_port(config["listen"]), proc)
+    admin = f"http://{config['admin']}"
+    async with aiohttp.ClientSession() as session:
+
+        async def ready() -> bool:
+            try:
+                return (await get_json(session, admin + "/readyz"))[0] == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_until(ready, "the gateway ready (every worker serving)")
+    return proc
+
+
+def parse_port(hostport: str) -> int:
+    return int(hostport.rpartition(":")[2])

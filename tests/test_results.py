@@ -25,9 +25,8 @@ from .support import (
     async_test,
     free_port,
     get_json,
+    serve_ready,
     served_config,
-    wait_listening,
-    wait_until,
 )
 from .test_outcomes import variant_of
 
@@ -220,18 +219,9 @@ def test_results_with_two_workers(tmp_path: Path) -> None:
             port, admin_port = free_port(), free_port()
             ports = {"model-a": upstream_port, "model-b": upstream_port}
             config = served_config(analysis_config(log_dir=str(tmp_path)), ports, port, admin_port)
-            proc = processes.start(config, "--workers", "2")
-            await asyncio.to_thread(wait_listening, port, proc)
+            await serve_ready(processes, config, "--workers", "2")
             admin = f"http://127.0.0.1:{admin_port}"
             async with aiohttp.ClientSession() as session:
-
-                async def ready() -> bool:
-                    try:
-                        return (await get_json(session, admin + "/readyz"))[0] == 200
-                    except aiohttp.ClientError:
-                        return False
-
-                await wait_until(ready, "both workers serving")
                 # Request ids are remembered by the worker that served the request, and the
                 # feedback may reach the other one: clicks go by unit here.
                 url = f"http://127.0.0.1:{port}"
