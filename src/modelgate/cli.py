@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     difflog = commands.add_parser("difflog", help="read shadow diff logs: summarize, show, export")
     configure_difflog(difflog)
 
+    from modelgate.analyze import configure_parser as configure_analyze
+
+    analyze = commands.add_parser("analyze", help="experiment results: a table, an HTML report")
+    configure_analyze(analyze)
+
     from modelgate.bench import configure_parser as configure_bench
     from modelgate.bench import run_from_args as run_bench_from_args
 

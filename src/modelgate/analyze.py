@@ -1,0 +1,228 @@
+"""`modelgate analyze`: an experiment's results as a table, from a live admin API
+(`--admin URL`) or from exposure and feedback files (`--logs DIR`), and as an HTML report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from modelgate.results import experiment_results
+
+__all__ = ["AnalyzeError", "configure_parser", "format_results", "results_from_admin"]
+
+TOKEN_ENV = "MODELGATE_ADMIN_TOKEN"
+
+
+class AnalyzeError(Exception):
+    """What stops an analysis; the message names the problem."""
+
+
+def results_from_admin(url: str, experiment: str | None, token: str | None) -> list[dict[str, Any]]:
+    """GET /experiments[/{name}] from a running gateway's admin API."""
+    path = f"/experiments/{experiment}" if experiment else "/experiments"
+    request = urllib.request.Request(url.rstrip("/") + path)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body: dict[str, Any] = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("detail", exc.reason)
+        except ValueError:
+            detail = exc.reason
+        hint = f" (give --token or set {TOKEN_ENV})" if exc.code == 401 else ""
+        raise AnalyzeError(f"{url}{path}: {exc.code} {detail}{hint}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise AnalyzeError(f"cannot reach the admin API at {url}: {reason}") from exc
+    if experiment:
+        return [body]
+    experiments: list[dict[str, Any]] = body["experiments"]
+    return experiments
+
+
+def results_from_logs(
+    log_dir: str, experiment: str | None, config: str | None
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], dict[str, int]]:
+    """Results recomputed from the files, their timelines, and the join counts."""
+    from modelgate.analyze_logs import load_logs, snapshot_of, timeline_of
+
+    if not Path(log_dir).is_dir():
+        raise AnalyzeError(f"--logs {log_dir}: not a directory")
+    data = load_logs(log_dir)
+    designs = data.designs
+    if config is not None:
+        from modelgate.config import ConfigError, load_config
+        from modelgate.outcomes import experiment_designs
+
+        try:
+            designs = experiment_designs(load_config(config))
+        except ConfigError as exc:
+            raise AnalyzeError(f"--config {config}: " + "; ".join(exc.errors)) from exc
+    if not designs:
+        raise AnalyzeError(
+            f"--logs {log_dir}: no exposure records with experiment designs; give --config"
+        )
+    names = [experiment] if experiment else sorted(designs)
+    for name in names:
+        if name not in designs:
+            raise AnalyzeError(f"no experiment named {name!r} (in the files: {sorted(designs)})")
+    snapshot = snapshot_of(data)
+    results = [experiment_results(designs[name], snapshot) for name in names]
+    timelines = {
+        name: timeline_of(data, name, float(designs[name]["analysis"]["alpha"])) for name in names
+    }
+    return results, timelines, dict(data.join)
+
+
+def _num(value: Any, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{value:+.1%}"
+
+
+def _table(rows: list[list[str]], left: int = 2) -> list[str]:
+    """Aligned columns: the first `left` to the left (names), the rest to the right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  "
+        + "  ".join(
+            cell.ljust(width) if i < left else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
+
+
+def format_results(result: dict[str, Any]) -> str:
+    """One experiment's results as the text table `modelgate analyze` prints."""
+    alpha = result["alpha"]
+    level = f"{1 - alpha:.0%}"
+    lines = [
+        f"experiment {result['experiment']} (control: {result['control']}, alpha {alpha:g}"
+        + (f", config version {result['version']})" if "version" in result else ")")
+    ]
+    total = sum(v["n"] for v in result["variants"]) or 1
+    rows = [["variant", "weight", "n", "share", "errors", "p50 ms", "p99 ms"]]
+    for v in result["variants"]:
+        latency = v.get("latency_s") or {}
+        rows.append(
+            [
+                v["name"],
+                _num(v["weight"]),
+                str(v["n"]),
+                f"{v['n'] / total:.4f}",
+                str(v["errors"]) if latency else "-",
+                _num(latency.get("p50") and latency["p50"] * 1000, ".3g"),
+                _num(latency.get("p99") and latency["p99"] * 1000, ".3g"),
+            ]
+        )
+    lines += _table(rows, left=1)
+    srm = result["srm"]
+    verdict = "MISMATCH: do not trust these results" if srm["mismatch"] else "ok"
+    lines.append(f"  SRM: chi2 {_num(srm['chi2'])}, p {_num(srm['p_value'])} ({verdict})")
+    if result["metrics"]:
+        rows = [["metric", "variant", "count", "mean", "sd", "ones"]]
+        for metric, info in sorted(result["metrics"].items()):
+            for v in result["variants"]:
+                s = v["metrics"][metric]
+                sd = s["variance"] ** 0.5 if s["variance"] is not None else None
+                ones = str(s["ones"]) if info["binary"] else ""
+                rows.append([metric, v["name"], str(s["count"]), _num(s["mean"]), _num(sd), ones])
+        lines += ["", *_table(rows)]
+    if result["comparisons"]:
+        tests = result["multiple_testing"]["tests"]
+        lines += ["", f"  vs {result['control']} (Holm over {tests} tests; * below alpha)"]
+        rows = [
+            ["metric", "variant", "test", "diff", f"{level} CI", "lift", "lift CI", "p", "p Holm"]
+        ]
+        for c in result["comparisons"]:
+            if c.get("p_value") is None:
+                rows.append(
+                    [c["metric"], c["variant"], c["test"], c.get("error", ""), "", "", "", "", ""]
+                )
+                continue
+            mark = " *" if c.get("significant") else ""
+            rows.append(
+                [
+                    c["metric"],
+                    c["variant"],
+                    c["test"],
+                    _num(c["diff"], "+.4g"),
+                    f"[{_num(c['ci_low'], '+.4g')}, {_num(c['ci_high'], '+.4g')}]",
+                    _pct(c["rel_diff"]),
+                    f"[{_pct(c['rel_ci_low'])}, {_pct(c['rel_ci_high'])}]",
+                    _num(c["p_value"]),
+                    _num(c.get("p_value_holm")) + mark,
+                ]
+            )
+        lines += _table(rows)
+    if result["sample_size"]:
+        lines += ["", f"  sample size per arm for the mde (power {result['power']:g})"]
+        for s in result["sample_size"]:
+            if s.get("n_per_arm") is None:
+                lines.append(f"  {s['metric']}: mde {s['mde']:g}: {s.get('error', 'unknown')}")
+                continue
+            still = ", ".join(f"{k} {n}" for k, n in s["still_needed"].items())
+            head = f"  {s['metric']}: mde {s['mde']:g}: {s['n_per_arm']} per arm"
+            lines.append(f"{head}; still needed: {still}")
+    return "\n".join(lines)
+
+
+def run(ns: argparse.Namespace) -> int:
+    if ns.admin is None and ns.logs is None:
+        print("modelgate analyze: give --admin URL or --logs DIR (or both)", file=sys.stderr)
+        return 2
+    timelines: dict[str, dict[str, Any]] | None = None
+    try:
+        if ns.admin is not None:
+            token = ns.token or os.environ.get(TOKEN_ENV)
+            results = results_from_admin(ns.admin, ns.experiment, token)
+            source = f"live results from {ns.admin}"
+            if ns.logs is not None:  # plots over time from the files
+                _, timelines, _ = results_from_logs(ns.logs, ns.experiment, ns.config)
+        else:
+            results, timelines, join = results_from_logs(ns.logs, ns.experiment, ns.config)
+            source = (
+                f"recomputed from {ns.logs}: feedback joined to exposures {join.get('joined', 0)}, "
+                f"not joined {join.get('unjoined', 0)}, attributed to another variant than "
+                f"logged {join.get('moved', 0)}"
+            )
+    except AnalyzeError as exc:
+        print(f"modelgate analyze: {exc}", file=sys.stderr)
+        return 1
+    text = "\n\n".join(format_results(r) for r in results) or "no experiments"
+    print(text)
+    print(f"({source})")
+    if ns.html is not None:
+        from modelgate.analyze_report import ReportError, write_report
+
+        try:
+            write_report(ns.html, results, text, timelines, source)
+        except ReportError as exc:
+            print(f"modelgate analyze: {exc}", file=sys.stderr)
+            return 2
+        print(f"report written to {ns.html}")
+    return 0
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--admin", metavar="URL", help="a running gateway's admin API")
+    parser.add_argument("--logs", metavar="DIR", help="a log_dir with exposure and feedback files")
+    parser.add_argument("--experiment", metavar="NAME", help="one experiment (default: all)")
+    parser.add_argument("--token", help=f"the admin API's bearer token (default: ${TOKEN_ENV})")
+    parser.add_argument(
+        "--config", metavar="FILE", help="with --logs: take the experiments' design from here"
+    )
+    parser.add_argument("--html", metavar="FILE", help="also write an HTML report with plots")
+    parser.set_defaults(func=run)

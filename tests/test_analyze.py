@@ -1,0 +1,123 @@
+"""`modelgate analyze`: from files it recomputes what the live admin API says; it prints the
+table from a live admin URL; --html writes a report with the plots, or names the install."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from modelgate.analyze import results_from_logs
+from modelgate.cli import main
+from modelgate.mock import MockSettings
+
+from .support import admin_stack, async_test, free_port, get_json
+from .test_results import analysis_config, drive
+
+MOCKS = {"model-a": MockSettings(name="model-a"), "model-b": MockSettings(name="model-b")}
+
+
+def live_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[dict[str, Any], str]:
+    """Traffic and feedback through a gateway logging to tmp_path; returns the live results
+    and what `modelgate analyze --admin` printed meanwhile."""
+
+    @async_test
+    async def run() -> tuple[dict[str, Any], str]:
+        async with admin_stack(analysis_config(log_dir=str(tmp_path)), MOCKS) as admin:
+            await drive(admin.stack.url, 300, seed=5)
+            async with aiohttp.ClientSession() as session:
+                status, body = await get_json(session, admin.admin_url + "/experiments/ranker")
+            assert status == 200
+            argv = ["analyze", "--admin", admin.admin_url, "--experiment", "ranker"]
+            code = await asyncio.to_thread(main, argv)
+            assert code == 0
+            return body, capsys.readouterr().out
+
+    return run()
+
+
+def test_files_give_the_live_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    live, printed = live_run(tmp_path, capsys)
+    assert "experiment ranker (control: control" in printed
+    assert "welch" in printed and "proportion" in printed and "SRM: chi2" in printed
+
+    (offline,), timelines, join = results_from_logs(str(tmp_path), "ranker", None)
+    assert join == {"joined": 600}  # every rating and click found its exposure
+    assert [(v["name"], v["n"]) for v in offline["variants"]] == [
+        (v["name"], v["n"]) for v in live["variants"]
+    ]
+    for mine, theirs in zip(offline["variants"], live["variants"], strict=True):
+        for metric, summary in theirs["metrics"].items():
+            got = mine["metrics"][metric]
+            assert (got["count"], got["ones"]) == (summary["count"], summary["ones"])
+            assert got["mean"] == pytest.approx(summary["mean"], rel=1e-9)
+            assert got["variance"] == pytest.approx(summary["variance"], rel=1e-9)
+    assert offline["metrics"] == live["metrics"]
+    for mine, theirs in zip(offline["comparisons"], live["comparisons"], strict=True):
+        assert (mine["metric"], mine["variant"], mine["test"]) == (
+            theirs["metric"],
+            theirs["variant"],
+            theirs["test"],
+        )
+        for key in ("diff", "ci_low", "ci_high", "p_value", "p_value_holm", "rel_diff"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-9), key
+    assert offline["srm"]["p_value"] == pytest.approx(live["srm"]["p_value"], rel=1e-12)
+    assert offline["sample_size"] == live["sample_size"]
+
+    timeline = timelines["ranker"]
+    assert len(timeline["edges_s"]) == 21
+    assert sum(sum(c) for c in timeline["split"].values()) == 300
+    rating = timeline["metrics"]["rating"]["candidate"]
+    assert rating["n"][-1] == offline["variants"][1]["metrics"]["rating"]["count"]
+    assert rating["mean"][-1] == pytest.approx(offline["variants"][1]["metrics"]["rating"]["mean"])
+
+
+def test_html_report_from_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    logs = tmp_path / "logs"
+    live_run(logs, capsys)
+    report = tmp_path / "report.html"
+    assert main(["analyze", "--logs", str(logs), "--html", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "experiment ranker" in out and "joined to exposures 600" in out
+    page = report.read_text()
+    for figure in ("means-clicked", "means-rating", "split"):
+        assert f'<figure class="{figure}"><img alt="{figure}" src="data:image/png;base64,' in page
+    assert "experiment ranker" in page
+
+
+def test_html_without_matplotlib_names_the_install(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logs = tmp_path / "logs"
+    live_run(logs, capsys)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    assert main(["analyze", "--logs", str(logs), "--html", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert "--html needs matplotlib" in err and "pip install 'modelgate[demo]'" in err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["analyze", "--admin", url]) == 1
+    assert f"cannot reach the admin API at {url}" in capsys.readouterr().err
+    assert main(["analyze", "--logs", str(tmp_path / "missing")]) == 1
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["analyze", "--logs", str(tmp_path)]) == 1
+    assert "no exposure records with experiment designs" in capsys.readouterr().err
+    assert main(["analyze"]) == 2
+    assert "give --admin URL or --logs DIR" in capsys.readouterr().err
+
+    @async_test
+    async def unknown() -> None:
+        async with admin_stack(analysis_config(), MOCKS) as admin:
+            argv = ["analyze", "--admin", admin.admin_url, "--experiment", "nope"]
+            assert await asyncio.to_thread(main, argv) == 1
+
+    unknown()
+    assert "404 no experiment named 'nope'" in capsys.readouterr().err
