@@ -4,11 +4,14 @@ config version, parsed with prometheus_client."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -71,7 +74,8 @@ def test_histogram_chaos_shadow_and_feedback_counts(tmp_path: Path) -> None:
                     return sum(s.value for s in found) == len(units)
 
                 await wait_until(verdicts_in, "every shadow pair compared and counted")
-                found = samples(await text())
+                exposition = await text()
+                found = samples(exposition)
 
         per_variant = Counter(variant_of(u) for u in units)
         counts = {
@@ -117,6 +121,9 @@ def test_histogram_chaos_shadow_and_feedback_counts(tmp_path: Path) -> None:
         assert logs.get(("exposure", "written"), 0) <= len(units)  # flushed once a second
         (in_flight,) = found["modelgate_requests_in_flight"]
         assert in_flight.value == 0
+        families = {f.name for f in text_string_to_metric_families(exposition)}
+        for name in dashboard_metrics():
+            assert re.sub(r"_(total|bucket|count|sum)$", "", name) in families, name
         for name, listed in found.items():
             for sample in listed:
                 assert sample.labels["config_version"] == "1", (name, sample)
@@ -145,3 +152,22 @@ def test_tracked_counts_and_latency_are_split_by_version() -> None:
     merged = merge_exports([export, again])
     assert merged["2"].families["chaos_faults"][("predict", "slow", "delay")] == 2
     assert merged["1"].latency_sum[("predict", "control")] == 0.006
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def dashboard_metrics() -> set[str]:
+    """Every metric name the Grafana dashboard's queries use."""
+    dashboard = json.loads((CONFIGS / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exprs += [a["expr"] for a in dashboard["annotations"]["list"]]
+    return set(re.findall(r"modelgate_[a-z_]+", " ".join(exprs)))
+
+
+def test_the_prometheus_config_scrapes_the_admin_api() -> None:
+    config = yaml.safe_load((CONFIGS / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == ["127.0.0.1:8081"]
+    assert len(dashboard_metrics()) >= 10
