@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from modelgate.mock import MockSettings, start_mock
 
@@ -131,6 +132,17 @@ def test_switches_reach_every_worker(tmp_path: Path) -> None:
                 assert set(await statuses(url)) == {503}
                 _, listing = await get_json(session, admin + "/chaos")
                 assert listing["rules"][0]["enabled_in"] == 2
+                async with session.get(admin + "/metrics") as response:
+                    text = await response.text()
+                faults = [
+                    s
+                    for f in text_string_to_metric_families(text)
+                    for s in f.samples
+                    if s.name == "modelgate_chaos_faults_total"
+                ]
+                assert [(s.labels["kind"], s.value) for s in faults] == [
+                    ("abort", 2 * len(CANDIDATES))  # two faulted rounds, summed over workers
+                ]
         finally:
             await runner.cleanup()
 
