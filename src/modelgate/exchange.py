@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from modelgate.chaos import ChaosDecision
     from modelgate.connection import ClientConnection
-    from modelgate.plan import CompiledRoute, Plan, UpstreamTarget
+    from modelgate.plan import CompiledExperiment, CompiledRoute, Plan, UpstreamTarget
     from modelgate.shadow import ShadowSession
     from modelgate.upstream import UpstreamConnection, UpstreamPool
 
@@ -131,6 +131,7 @@ class Exchange:
         "assignments",
         "body_waiter",
         "pools",
+        "variant_line",
     )
 
     def __init__(self, client: ClientConnection) -> None:
@@ -186,6 +187,7 @@ class Exchange:
         self.assignments: list[tuple[str, str, bool]] = []  # (experiment, variant, enrolled)
         self.body_waiter: Callable[[], None] | None = None  # runs when the body is complete
         self.pools: dict[str, UpstreamPool] = {}  # the pools of the Plan read at start
+        self.variant_line = b""  # the x-modelgate-variant header line, when one applies
 
     # --- request body, fed by the client connection -----------------------------------
 
@@ -337,7 +339,9 @@ class Exchange:
                     decision.delay_s, self._after_delay
                 )
                 return
-        self._after_delay()
+            self._after_delay()
+            return
+        self._forward()
 
     def _after_delay(self) -> None:
         """Forwards the request, unless a chaos fault answers it first."""
@@ -358,6 +362,10 @@ class Exchange:
                 self.upstream_activity = gateway.loop.time()
                 gateway.inflight.add(self)
                 return
+        self._forward()
+
+    def _forward(self) -> None:
+        """Sends the request upstream (or queues it for a pooled connection)."""
         plan = self.plan
         target = self.target
         assert plan is not None and target is not None
@@ -449,6 +457,8 @@ class Exchange:
 
     def _tag_headers(self) -> bytes:
         route = self.route
+        if self.chaos is None and route is not None:
+            return route.route_header + self.variant_line  # the common case: no join
         return b"".join(
             (
                 route.route_header if route is not None else b"",
@@ -462,10 +472,13 @@ class Exchange:
     def _assign(self, plan: Plan, route: CompiledRoute) -> tuple[str | None, str | None] | None:
         """Assigns every experiment of the route; returns (unit, upstream the variants chose),
         or None when the request was answered (no unit id and `unit_fallback: reject`)."""
+        experiments = route.experiments
+        if len(experiments) == 1 and plan.force_header is None and experiments[0].targeting.plain:
+            return self._assign_plain(plan, route, experiments[0])
         unit: str | None = None
         upstream: str | None = None
         names: list[bytes] = []
-        for experiment in route.experiments:
+        for experiment in experiments:
             index = self._forced_variant(plan, experiment.name, experiment.by_name)
             enrolled = False
             index_from_unit = index < 0
@@ -499,12 +512,38 @@ class Exchange:
         if not names:
             return unit, upstream
         self.variant_header = names[0] if len(names) == 1 else b",".join(names)
-        feedback = plan.config.feedback
-        if feedback.enabled and feedback.max_request_ids:
+        self.variant_line = b"x-modelgate-variant: " + self.variant_header + b"\r\n"
+        if plan.remember_requests:
             self.client.gateway.outcomes.remember(
-                self.request_id, tuple(self.assignments), self.client.gateway.loop.time(), feedback
+                self.request_id,
+                tuple(self.assignments),
+                self.client.gateway.loop.time(),
+                plan.config.feedback,
             )
         return unit, upstream
+
+    def _assign_plain(
+        self, plan: Plan, route: CompiledRoute, experiment: CompiledExperiment
+    ) -> tuple[str | None, str | None] | None:
+        """One experiment with weights only: the per-request fast path of `_assign`."""
+        unit = self._unit_or_fallback(route)
+        if unit is None:
+            return None
+        variant = experiment.variants[experiment.table.assign(experiment.salt, unit)]
+        self.variant_name = variant.name
+        self.enrolled = True
+        self.variant_header = variant.assignment
+        self.variant_line = variant.header_line
+        record = variant.record
+        self.assignments.append(record)
+        outcomes = self.client.gateway.outcomes
+        if plan.exposures:
+            outcomes.expose(plan, self.request_id, unit, record[0], record[1], 1)
+        if plan.remember_requests:
+            outcomes.remember(
+                self.request_id, (record,), self.client.gateway.loop.time(), plan.config.feedback
+            )
+        return unit, variant.upstream if variant.routes_traffic else None
 
     def _unit_or_fallback(self, route: CompiledRoute) -> str | None:
         unit = self._unit()
@@ -1063,9 +1102,7 @@ class Exchange:
         )
         if self.assignments:
             error = self.response_status >= 500 or self.response_status == 0
-            for experiment, variant, enrolled in self.assignments:
-                if enrolled:
-                    gateway.outcomes.observe(experiment, variant, latency, error)
+            gateway.outcomes.observe_all(self.assignments, latency, error)
 
     def _finish(self) -> None:
         self.done = True

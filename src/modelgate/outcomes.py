@@ -91,14 +91,16 @@ class VariantSystem:
     buckets: list[int] | None = None
 
     def add(self, latency_s: float, error: bool) -> None:
-        if self.latency is None or self.buckets is None:
-            self.latency = Moments()
-            self.buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        latency = self.latency
+        buckets = self.buckets
+        if latency is None or buckets is None:
+            latency = self.latency = Moments()
+            buckets = self.buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
         self.requests += 1
         if error:
             self.errors += 1
-        self.latency.add(latency_s)
-        self.buckets[bisect.bisect_left(LATENCY_BUCKETS_S, latency_s)] += 1
+        latency.add(latency_s)
+        buckets[bisect.bisect_left(LATENCY_BUCKETS_S, latency_s)] += 1
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -179,6 +181,7 @@ class OutcomeStore:
         self.feedback_log: FeedbackLog | None = None  # opened on the first feedback
         self._described: GatewayConfig | None = None  # the config the logs' meta describes
         self.recent: OrderedDict[bytes, tuple[float, Assignments]] = OrderedDict()
+        self._inserts = 0
         self.outcomes: dict[tuple[str, str, str], Moments] = {}
         self.system: dict[tuple[str, str], VariantSystem] = {}
         self.counts: Counter[str] = Counter()
@@ -190,11 +193,15 @@ class OutcomeStore:
     ) -> None:
         recent = self.recent
         recent[request_id] = (now, assignments)
-        while recent and (
-            len(recent) > spec.max_request_ids
-            or next(iter(recent.values()))[0] < now - spec.request_id_ttl_s
-        ):
+        if len(recent) > spec.max_request_ids:
             recent.popitem(last=False)
+        self._inserts += 1
+        if self._inserts & 1023 == 0:
+            # Expired ids leave from the oldest end, checked every 1024 inserts: a per-insert
+            # check cost more than the insert itself.
+            horizon = now - spec.request_id_ttl_s
+            while recent and next(iter(recent.values()))[0] < horizon:
+                recent.popitem(last=False)
 
     def expose(
         self,
@@ -227,6 +234,18 @@ class OutcomeStore:
             if log is not None:
                 log.close()
         self.exposures = self.feedback_log = None
+
+    def observe_all(
+        self, assignments: list[tuple[str, str, bool]], latency_s: float, error: bool
+    ) -> None:
+        """One response's latency and error for each experiment it was enrolled in."""
+        system = self.system
+        for experiment, variant, enrolled in assignments:
+            if enrolled:
+                found = system.get((experiment, variant))
+                if found is None:
+                    found = system[(experiment, variant)] = VariantSystem()
+                found.add(latency_s, error)
 
     def observe(self, experiment: str, variant: str, latency_s: float, error: bool) -> None:
         key = (experiment, variant)

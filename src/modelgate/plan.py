@@ -64,6 +64,8 @@ class VariantTarget:
     upstream: str
     assignment: bytes  # b"ranker=control", the x-modelgate-variant value
     routes_traffic: bool = True  # False: a flag variant that leaves the route's upstream
+    header_line: bytes = b""  # b"x-modelgate-variant: ranker=control\r\n"
+    record: tuple[str, str, bool] = ("", "", True)  # (experiment, variant, enrolled)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,7 @@ class Plan:
     experiments: dict[str, CompiledExperiment] = field(default_factory=dict)
     feedback_path: bytes | None = None  # None: feedback disabled
     exposures: bool = True
+    remember_requests: bool = True  # keep recent request ids for feedback by request id
 
     def match(
         self, method: bytes, path: bytes, headers: Sequence[tuple[bytes, bytes, bytes]]
@@ -208,6 +211,8 @@ def _compile_experiment(
             upstream=v.upstream if v.upstream is not None else str(route.upstream),
             assignment=f"{exp.name}={v.name}".encode(),
             routes_traffic=v.upstream is not None,
+            header_line=f"x-modelgate-variant: {exp.name}={v.name}\r\n".encode(),
+            record=(exp.name, v.name, True),
         )
         for v in exp.variants
     )
@@ -290,4 +295,5 @@ def compile_plan(config: GatewayConfig, version: int = 1) -> Plan:
         experiments=experiments,
         feedback_path=config.feedback.path.encode("utf-8") if config.feedback.enabled else None,
         exposures=config.exposures.enabled,
+        remember_requests=config.feedback.enabled and config.feedback.max_request_ids > 0,
     )
