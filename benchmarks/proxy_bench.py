@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_TARGETS = ("direct", "nginx", "naive", "modelgate")
+ALL_TARGETS = ("direct", "nginx", "naive", "modelgate", "nginx-mirror", "modelgate-shadow")
 UPSTREAM_BODY = b'{"score":0.5}'
 PATH = "/predict"
 POST_BYTES = 1024
@@ -116,6 +116,43 @@ def proxy_nginx_conf(prefix: Path, port: int, upstream_port: int) -> str:
             proxy_set_header Connection "";
         }}"""
     return nginx_conf(prefix, block, upstream)
+
+
+def mirror_nginx_conf(prefix: Path, port: int, upstream_port: int) -> str:
+    """nginx with its `mirror` module: every request also goes to the (same) upstream."""
+    upstream = f"""    upstream model {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}"""
+    block = f"""        listen 127.0.0.1:{port};
+        location / {{
+            mirror /mirror;
+            mirror_request_body on;
+            proxy_pass http://model;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+        location = /mirror {{
+            internal;
+            proxy_pass http://model$request_uri;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}"""
+    return nginx_conf(prefix, block, upstream)
+
+
+def modelgate_shadow_config(port: int, admin_port: int, upstream_port: int, log_dir: Path) -> str:
+    """The A/B config plus one shadow at sample 1.0, compared and written to the diff log."""
+    return (
+        modelgate_config(port, admin_port, upstream_port, log_dir).replace(
+            "  model-b: {url: ",
+            f"  model-c: {{url: http://127.0.0.1:{upstream_port}}}\n  model-b: {{url: ",
+        )
+        + """    shadows:
+      - {upstream: model-c, sample: 1.0, max_inflight: 256}
+"""
+    )
 
 
 def modelgate_config(port: int, admin_port: int, upstream_port: int, log_dir: Path) -> str:
@@ -472,15 +509,23 @@ class Bench:
             proc = self.procs.start(name, argv, cpus)
             self.procs.wait_listening(name, proc, port, self.args.start_timeout)
             return Target(name, port, proc.pid, "aiohttp server + ClientSession")
-        if name == "modelgate":
-            config = self.workdir / "modelgate.yaml"
-            log_dir = self.workdir / "modelgate-logs"
-            config.write_text(modelgate_config(port, free_port(), upstream_port, log_dir))
+        if name == "nginx-mirror":
+            conf = mirror_nginx_conf(self.workdir / name, port, upstream_port)
+            pid = self.start_nginx(name, conf, port, cpus)
+            return Target(name, port, pid, "nginx reverse proxy + mirror module")
+        if name in ("modelgate", "modelgate-shadow"):
+            config = self.workdir / f"{name}.yaml"
+            log_dir = self.workdir / f"{name}-logs"
+            make = modelgate_config if name == "modelgate" else modelgate_shadow_config
+            config.write_text(make(port, free_port(), upstream_port, log_dir))
             argv = [*modelgate_command(self.args.modelgate_cmd), "serve", "--config", str(config)]
             argv += ["--workers", "1"]
             proc = self.procs.start(name, argv, cpus, env=modelgate_env())
             self.procs.wait_listening(name, proc, port, self.args.start_timeout)
-            return Target(name, port, proc.pid, "1 worker, A/B 50/50 on x-user-id")
+            note = "1 worker, A/B 50/50 on x-user-id"
+            if name == "modelgate-shadow":
+                note += ", one shadow at sample 1.0 (compared, diff log)"
+            return Target(name, port, proc.pid, note)
         raise StartError(f"unknown target {name!r}")
 
     def start_targets(self, names: Sequence[str], upstream_port: int) -> list[Target]:
@@ -494,7 +539,7 @@ class Bench:
                 self.procs.stop_named(name)  # started but broken: not left to steal CPU
                 print(f"# skipping {name}: {exc}".replace("\n", "\n#   "), file=sys.stderr)
                 continue
-            if name == "modelgate":
+            if name.startswith("modelgate"):
                 seen = {k: v for k, v in headers.items() if k.startswith("x-modelgate-")}
                 target.note += f"; preflight headers {seen}"
                 if "x-modelgate-variant" not in headers:
@@ -631,10 +676,20 @@ def results_table(summaries: list[Summary], order: Sequence[str]) -> str:
     return "\n".join(rows)
 
 
-RATIOS = (("modelgate", "nginx"), ("modelgate", "naive"), ("naive", "nginx"), ("nginx", "direct"))
+RATIOS = (
+    ("modelgate", "nginx"),
+    ("modelgate", "naive"),
+    ("naive", "nginx"),
+    ("nginx", "direct"),
+    ("modelgate-shadow", "nginx-mirror"),
+)
 # CPU per request is the steadier figure on a shared machine: a neighbour that steals the
 # proxy's core lowers its req/s but not the CPU it spends per request.
-CPU_RATIOS = (("modelgate", "nginx"), ("modelgate", "naive"))
+CPU_RATIOS = (
+    ("modelgate", "nginx"),
+    ("modelgate", "naive"),
+    ("modelgate-shadow", "nginx-mirror"),
+)
 
 
 def ratios(summaries: list[Summary]) -> list[dict[str, Any]]:
