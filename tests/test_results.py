@@ -237,3 +237,27 @@ def test_results_with_two_workers(tmp_path: Path) -> None:
 
     with ServeProcesses(tmp_path) as processes:
         run()
+
+
+def test_bad_analysis_settings_name_their_key_paths() -> None:
+    from modelgate.config import ConfigError, validate_config
+
+    config = ab_config()
+    config["routes"][0]["experiment"]["analysis"] = {
+        "alpha": 1.5,
+        "power": 0,
+        "mde": {"rating": -0.1, "bad name!": 1, "clicked": "big"},
+        "tails": 2,
+    }
+    with pytest.raises(ConfigError) as caught:
+        validate_config(config)
+    where = "routes[0].experiment.analysis"
+    got = {error.split(": ")[0] for error in caught.value.errors}
+    assert {
+        f"{where}.alpha",
+        f"{where}.power",
+        f"{where}.mde.rating",
+        f"{where}.mde.clicked",
+        f"{where}.tails",
+    } <= got
+    assert any(e.startswith(f"{where}.mde.bad name!") for e in caught.value.errors)

@@ -13,7 +13,6 @@ from aiohttp import web
 from modelgate.control import ControlPlane
 from modelgate.http11 import is_valid_request_id
 from modelgate.outcomes import experiment_designs
-from modelgate.results import experiment_results
 
 __all__ = ["add_result_routes", "json_error", "json_response"]
 
@@ -37,18 +36,27 @@ def json_error(request: web.Request, status: int, code: str, detail: str) -> web
 def add_result_routes(app: web.Application, control: ControlPlane) -> None:
     """Registers the results endpoints on the admin app."""
 
+    # Imported on the first call: the statistics need scipy, which takes ~0.6 s to import,
+    # and the gateway should not wait for it at start-up.
     async def all_results(request: web.Request) -> web.Response:
+        from modelgate.results import experiment_results
+
         designs = experiment_designs(control.config)
         snapshot = await control.outcomes()
         return json_response(
             200,
             {
                 "version": control.version,
-                "experiments": [experiment_results(d, snapshot) for d in designs.values()],
+                "experiments": [
+                    {"version": control.version, **experiment_results(d, snapshot)}
+                    for d in designs.values()
+                ],
             },
         )
 
     async def one_result(request: web.Request) -> web.Response:
+        from modelgate.results import experiment_results
+
         name = request.match_info["name"]
         designs = experiment_designs(control.config)
         design = designs.get(name)

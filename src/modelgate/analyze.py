@@ -13,8 +13,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from modelgate.results import experiment_results
-
 __all__ = ["AnalyzeError", "configure_parser", "format_results", "results_from_admin"]
 
 TOKEN_ENV = "MODELGATE_ADMIN_TOKEN"
@@ -54,6 +52,7 @@ def results_from_logs(
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], dict[str, int]]:
     """Results recomputed from the files, their timelines, and the join counts."""
     from modelgate.analyze_logs import load_logs, snapshot_of, timeline_of
+    from modelgate.results import experiment_results
 
     if not Path(log_dir).is_dir():
         raise AnalyzeError(f"--logs {log_dir}: not a directory")
