@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
+from modelgate.analyze import results_from_logs
 from modelgate.demo import DemoRun, gateway_config, run_demo_async
 from modelgate.difflog import read_difflog
 from modelgate.exposure import read_exposures
@@ -27,7 +29,13 @@ def test_configs_demo_yaml_is_what_the_demo_serves() -> None:
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     @async_test
     async def run() -> DemoRun:
-        return await run_demo_async(duration_s=3.0, rate=100.0, quiet=True, workdir=tmp_path)
+        return await run_demo_async(
+            duration_s=3.0,
+            rate=100.0,
+            quiet=True,
+            workdir=tmp_path,
+            report_path=tmp_path / "report.html",
+        )
 
     demo = run()
     bench = demo.report["bench"]
@@ -49,3 +57,13 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     feedback = demo.report["feedback"]
     assert feedback["accepted"] == feedback["posted"] == min(bench["sent"], 719)
     assert np.all(records["primary_status"] == 200)
+    # The A/B result it prints is the gateway's; recomputed from its own files, it is equal.
+    status, live = demo.report["experiment"]
+    assert status == 200
+    (offline,) = results_from_logs(str(demo.log_dir), "digits", None)[0]
+    (live_cmp,) = [c for c in live["comparisons"] if c["metric"] == "correct"]
+    (file_cmp,) = [c for c in offline["comparisons"] if c["metric"] == "correct"]
+    for key in ("diff", "ci_low", "ci_high", "p_value"):
+        assert file_cmp[key] == pytest.approx(live_cmp[key], rel=1e-9), key
+    assert live_cmp["test"] == "proportion"  # correct/incorrect is a binary metric
+    assert Path(demo.report["html"]).exists()

@@ -205,6 +205,23 @@ async def post_outcomes(run: DemoRun, models: DemoModels, rows_sent: int) -> dic
     return {"posted": len(items), "accepted": accepted}
 
 
+def write_html(run: DemoRun, path: Path) -> str | None:
+    """The analysis report with plots, from the run's own exposure and feedback files."""
+    from modelgate.analyze import AnalyzeError, format_results, results_from_logs
+
+    try:
+        from modelgate.analyze_report import ReportError, write_report
+    except ImportError:
+        return None
+    try:
+        results, timelines, _ = results_from_logs(str(run.log_dir), "digits", None)
+        text = "\n\n".join(format_results(r) for r in results)
+        write_report(str(path), results, text, timelines, f"modelgate demo, logs {run.log_dir}")
+    except (AnalyzeError, ReportError, OSError) as exc:
+        return f"(not written: {exc})"
+    return str(path)
+
+
 async def _admin_json(run: DemoRun, path: str) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as session:
         async with session.get(run.admin_url + path) as response:
@@ -221,6 +238,7 @@ async def run_demo_async(
     keep_running: bool = False,
     quiet: bool = False,
     workdir: Path | None = None,
+    report_path: Path | None = None,
 ) -> DemoRun:
     say = (lambda *a: None) if quiet else print
     owned = None
@@ -264,6 +282,8 @@ async def run_demo_async(
         run.report["canaries"] = await _admin_json(run, "/canaries")
         run.report["status"] = await _admin_json(run, "/status")
         run.report["accuracy"] = models.accuracy
+        if report_path is not None:
+            run.report["html"] = await asyncio.to_thread(write_html, run, report_path)
         if not quiet:
             print_report(run)
         if keep_running:
@@ -280,7 +300,12 @@ async def run_demo_async(
             owned.cleanup()
 
 
-def run_demo(duration_s: float = 20.0, rate: float = 150.0, keep_running: bool = False) -> int:
+def run_demo(
+    duration_s: float = 20.0,
+    rate: float = 150.0,
+    keep_running: bool = False,
+    report: str = "modelgate-demo-report.html",
+) -> int:
     """Runs the demo; Ctrl-C stops it cleanly (the finally blocks stop every process)."""
     if duration_s <= 0 or rate <= 0:
         print("modelgate demo: --duration and --rate must be > 0", file=sys.stderr)
@@ -292,7 +317,11 @@ def run_demo(duration_s: float = 20.0, rate: float = 150.0, keep_running: bool =
         return 2
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        uvloop.run(run_demo_async(duration_s, rate, keep_running=keep_running))
+        uvloop.run(
+            run_demo_async(
+                duration_s, rate, keep_running=keep_running, report_path=Path(report).resolve()
+            )
+        )
     except KeyboardInterrupt:
         print("\ninterrupted; everything stopped")
         return 130

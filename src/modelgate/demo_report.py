@@ -100,13 +100,29 @@ def print_report(run: DemoRun) -> None:
     if result is None:
         print(f"  the gateway did not answer GET /experiments/digits: {run.report['experiment']}")
         return
+    for variant in result["variants"]:
+        correct = variant["metrics"].get("correct", {})
+        if correct.get("count"):
+            print(
+                f"  {variant['name']:<10} users {correct['count']:>4}  "
+                f"accuracy {correct['mean']:.1%}"
+            )
     for comparison in result.get("comparisons", []):
-        if comparison.get("metric") != "correct":
+        if comparison.get("metric") != "correct" or comparison.get("p_value") is None:
             continue
         print(
-            f"  {comparison.get('variant')} vs {comparison.get('control')}: "
-            f"diff {comparison.get('diff', math.nan):+.3f} "
-            f"(95% CI {comparison.get('ci_low', math.nan):+.3f} .. "
-            f"{comparison.get('ci_high', math.nan):+.3f}), "
-            f"p = {comparison.get('p_value', math.nan):.3g}"
+            f"  {comparison['variant']} - {comparison['control']}: "
+            f"{comparison['diff']:+.1%} (95% CI {comparison['ci_low']:+.1%} .. "
+            f"{comparison['ci_high']:+.1%}), {comparison['test']} test p = "
+            f"{comparison['p_value']:.3g}"
+            + (" -> significant" if comparison.get("significant") else " -> not significant")
         )
+    srm = result.get("srm", {})
+    if srm:
+        print(
+            f"  enrolled requests {srm.get('counts')} vs weights {srm.get('weights')}: "
+            f"SRM p = {srm.get('p_value', math.nan):.3g}"
+        )
+    html = run.report.get("html")
+    if html:
+        print(f"\nHTML report with plots: {html}")
