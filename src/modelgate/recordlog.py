@@ -115,12 +115,17 @@ class RecordLog:
         count = len(queue)
         if not count:
             return
-        rows = [queue.popleft() for _ in range(count)]
+        popleft = queue.popleft
+        rows = [popleft() for _ in range(count)]
         records = np.zeros(count, dtype=self.dtype)
-        for index, name in enumerate(self.fields):
-            column = [row[index] for row in rows]
+        # zip(*rows) transposes in C; names are mapped once per distinct value, not per row.
+        for name, column in zip(self.fields, zip(*rows), strict=True):
             table = self.named.get(name)
-            records[name] = [self._id(table, v) for v in column] if table else column
+            if table:
+                ids = {value: self._id(table, value) for value in set(column)}
+                records[name] = [ids[value] for value in column]
+            else:
+                records[name] = column
         try:
             self._write(records)
         except OSError as exc:
