@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -25,6 +26,8 @@ from pydantic import (
 )
 
 __all__ = [
+    "CanaryCheck",
+    "CanarySpec",
     "ChaosRule",
     "CompareSpec",
     "ConfigError",
@@ -176,22 +179,113 @@ class VariantSpec(_Strict):
         return value
 
 
+_LATENCY_METRIC = re.compile(r"^latency_p(\d+(\.\d+)?)_ms$")  # latency_p95_ms, p99.9
+_FEEDBACK_METRIC = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")  # as feedback names them
+
+
 class CanaryCheck(_Strict):
+    """One guard of a canary step, candidate against baseline over the step's window.
+
+    System metrics (`error_rate`, `latency_pNN_ms`) take one or more limits: `max_increase`
+    (absolute), `max_ratio` (relative to the baseline), `max_value`. Any other name is a
+    feedback metric, judged for non-inferiority: not worse than the baseline by more than
+    `margin` (alias `min_effect`, in the metric's units) in the direction `higher_is_better`.
+    """
+
     metric: str
-    max_increase: float | None = None
-    max_ratio: float | None = None
-    max_value: float | None = None
+    max_increase: float | None = Field(None, ge=0, allow_inf_nan=False)
+    max_ratio: float | None = Field(None, gt=0, allow_inf_nan=False)
+    max_value: float | None = Field(None, ge=0, allow_inf_nan=False)
+    margin: float | None = Field(
+        None, ge=0, allow_inf_nan=False, validation_alias=AliasChoices("margin", "min_effect")
+    )
+    higher_is_better: bool = True
+
+    @property
+    def is_system(self) -> bool:
+        return self.metric == "error_rate" or _LATENCY_METRIC.match(self.metric) is not None
+
+    @model_validator(mode="after")
+    def _limits(self) -> CanaryCheck:
+        limits = [
+            k for k in ("max_increase", "max_ratio", "max_value") if getattr(self, k) is not None
+        ]
+        if self.is_system:
+            if not limits:
+                raise ValueError(
+                    f"{self.metric}: give at least one limit (max_increase, max_ratio, max_value)"
+                )
+            if self.margin is not None or not self.higher_is_better:
+                raise ValueError(
+                    f"{self.metric}: margin and higher_is_better are for feedback metrics; "
+                    "system metrics take max_increase, max_ratio, max_value"
+                )
+            quantile = _LATENCY_METRIC.match(self.metric)
+            if quantile is not None and not 0 < float(quantile.group(1)) < 100:
+                raise ValueError(f"{self.metric}: the quantile must be in (0, 100)")
+        else:
+            if not _FEEDBACK_METRIC.match(self.metric):
+                raise ValueError(
+                    f"metric must be error_rate, latency_pNN_ms or a feedback metric's name, "
+                    f"got {self.metric!r}"
+                )
+            if limits:
+                raise ValueError(
+                    f"{self.metric}: a feedback metric is judged by margin (non-inferiority), "
+                    f"not {', '.join(limits)}"
+                )
+            if self.margin is None:
+                raise ValueError(
+                    f"{self.metric}: margin is required for a feedback metric (how much worse "
+                    "than the baseline the candidate may be, in the metric's units)"
+                )
+        return self
 
 
 class CanarySpec(_Strict):
-    """Validated now; the controller that acts on it is issue #8's."""
+    """A canary release of one experiment (see modelgate.canary for what each key does)."""
 
     baseline: str
     candidate: str
-    steps: list[float] = Field(min_length=1)
-    interval_s: float = Field(60.0, gt=0)
-    min_samples: int = Field(200, ge=1)
-    checks: list[CanaryCheck] | None = None
+    steps: list[float] = Field(min_length=1)  # the candidate's weight at each step, 0..100
+    interval_s: float = Field(60.0, gt=0, allow_inf_nan=False)
+    min_samples: int = Field(200, ge=1)  # per arm, in the step's window
+    max_wait_s: float | None = Field(None, gt=0, allow_inf_nan=False)  # 10 x interval_s
+    failure_limit: int = Field(1, ge=1)  # consecutive failed evaluations before rollback
+    alpha: float = Field(0.05, gt=0, lt=0.5)  # one-sided level of every statistical check
+    srm_threshold: float = Field(0.001, gt=0, lt=1)
+    on_inconclusive: Literal["hold", "rollback", "promote"] = "hold"
+    source: Literal["local", "prometheus"] = "local"
+    prometheus_url: str | None = None
+    checks: list[CanaryCheck] | None = None  # None: error rate and p99 latency
+
+    @property
+    def wait_limit_s(self) -> float:
+        return self.max_wait_s if self.max_wait_s is not None else 10.0 * self.interval_s
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _prometheus_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"expected http(s)://host:port of a Prometheus server, got {value!r}"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CanarySpec:
+        for before, after in zip(self.steps, self.steps[1:], strict=False):
+            if after <= before:
+                raise ValueError(f"steps must increase, got {self.steps}")
+        if self.max_wait_s is not None and self.max_wait_s < self.interval_s:
+            raise ValueError(
+                f"max_wait_s ({self.max_wait_s:g}) must be >= interval_s ({self.interval_s:g})"
+            )
+        if self.baseline == self.candidate:
+            raise ValueError(f"baseline and candidate are the same variant {self.baseline!r}")
+        return self
 
 
 class ConditionSpec(_Strict):
@@ -713,8 +807,21 @@ def _experiment_errors(
             if name not in seen:
                 errors.append(f"{where}.canary.{key}: unknown variant {name!r}")
         for s_index, step in enumerate(canary.steps):
-            if not 0 <= step <= 100:
-                errors.append(f"{where}.canary.steps[{s_index}]: must be in [0, 100], got {step}")
+            if not 0 < step <= 100:
+                errors.append(f"{where}.canary.steps[{s_index}]: must be in (0, 100], got {step}")
+        names = [v.name for v in experiment.variants]
+        # Ramps keep the candidate's units only when it is last and the baseline just before it
+        # (then a step moves one boundary, and only units between baseline and candidate).
+        if canary.candidate in seen and names[-1] != canary.candidate:
+            errors.append(
+                f"{where}.canary.candidate: must be the last variant, so that units already on "
+                f"it stay on it as it grows (variants: {names})"
+            )
+        elif canary.baseline in seen and len(names) > 1 and names[-2] != canary.baseline:
+            errors.append(
+                f"{where}.canary.baseline: must be the variant just before the candidate "
+                f"(variants: {names})"
+            )
     return errors
 
 

@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +24,7 @@ from modelgate.config import (
     ConfigError,
     GatewayConfig,
     load_config,
+    route_experiments,
     validate_config,
 )
 from modelgate.core import BUCKETS
@@ -204,17 +205,31 @@ class ControlPlane:
             )
         return await self.set_weights(experiment, document["weights"])
 
-    async def set_weights(self, experiment: str, weights: Any) -> ReloadResult:
-        """PUT /experiments/{name}/weights: the running config with new weights, applied
-        like any reload. The file is not rewritten."""
-        source = f"PUT /experiments/{experiment}/weights"
+    async def set_weights(
+        self, experiment: str, weights: Any, source: str | None = None
+    ) -> ReloadResult:
+        """PUT /experiments/{name}/weights (or a canary step): the running config with new
+        weights, applied like any reload. The file is not rewritten."""
+        return await self.edit_experiment(
+            experiment,
+            lambda spec: _apply_weights(spec["variants"], weights),
+            source or f"PUT /experiments/{experiment}/weights",
+        )
+
+    async def edit_experiment(
+        self, experiment: str, edit: Callable[[dict[str, Any]], list[str]], source: str
+    ) -> ReloadResult:
+        """The running config with one experiment's spec (as JSON) changed in place by `edit`,
+        which returns every problem it found; applied like any reload, the file untouched."""
         raw = self.config.model_dump(mode="json")
-        for route in raw["routes"]:
-            spec = route.get("experiment")
-            if spec is not None and spec["name"] == experiment:
-                break
-        else:
-            names = sorted(r.experiment.name for r in self.config.routes if r.experiment)
+        specs = [
+            spec
+            for route in raw["routes"]
+            for spec in [route.get("experiment"), *route.get("experiments", [])]
+            if spec is not None and spec["name"] == experiment
+        ]
+        if not specs:
+            names = sorted(e.name for r in self.config.routes for _, e in route_experiments(r))
             raise self._refuse(
                 source,
                 ReloadError(
@@ -222,7 +237,7 @@ class ControlPlane:
                     [f"(path): no experiment named {experiment!r} (running: {names})"],
                 ),
             )
-        errors = _apply_weights(spec["variants"], weights)
+        errors = edit(specs[0])
         if errors:
             raise self._refuse(source, ReloadError("invalid", errors))
         return await self.reload_from_document(raw, source)
