@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from modelgate.admin_chaos import add_chaos_routes
+from modelgate.admin_release import add_release_api, canary_collector
 from modelgate.admin_results import add_result_routes
 from modelgate.config import GatewayConfig
 from modelgate.control import ControlPlane, ReloadError
@@ -199,7 +200,8 @@ async def _metrics(request: web.Request) -> web.Response:
         workers=workers,
         telemetry=await control.target.telemetry(),
     )
-    body, content_type = render_metrics(snap, request.headers.get("Accept", ""))
+    extra = [await canary_collector(request.app)]
+    body, content_type = render_metrics(snap, request.headers.get("Accept", ""), extra)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
@@ -227,6 +229,7 @@ def build_admin_app(control: ControlPlane, token: str | None) -> web.Application
     app.router.add_get("/readyz", _readyz)
     add_result_routes(app, control)  # GET /experiments, /experiments/{name}
     add_chaos_routes(app, control)  # GET /chaos, POST /chaos/{route}/{rule}/enable|disable
+    add_release_api(app, control)  # /canaries..., POST /experiments/{name}/switch|kill|unkill
     return app
 
 

@@ -5,7 +5,7 @@ counters (summed over workers) and the control plane's state. Every sample carri
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,9 +216,12 @@ def _gauge(name: str, documentation: str, label: str, value: float) -> GaugeMetr
     return gauge
 
 
-def render_metrics(snap: MetricsSnapshot, accept: str = "") -> tuple[bytes, str]:
+def render_metrics(
+    snap: MetricsSnapshot, accept: str = "", extra: Sequence[Collector] = ()
+) -> tuple[bytes, str]:
     """The exposition in the format the scraper asked for; returns (body, content type)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snap))
+    for collector in (_SnapshotCollector(snap), *extra):
+        registry.register(collector)
     encoder, content_type = choose_encoder(accept)
     return encoder(registry), content_type
