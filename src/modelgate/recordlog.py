@@ -119,7 +119,7 @@ class RecordLog:
         rows = [popleft() for _ in range(count)]
         records = np.zeros(count, dtype=self.dtype)
         # zip(*rows) transposes in C; names are mapped once per distinct value, not per row.
-        for name, column in zip(self.fields, zip(*rows), strict=True):
+        for name, column in zip(self.fields, zip(*rows, strict=True), strict=True):
             table = self.named.get(name)
             if table:
                 ids = {value: self._id(table, value) for value in set(column)}
