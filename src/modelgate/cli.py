@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="drive a target at a fixed rate or concurrency")
     configure_bench(bench)
     bench.set_defaults(func=run_bench_from_args)
+
+    from modelgate.canary_remote import configure_parser as configure_canary
+
+    configure_canary(commands.add_parser("canary", help="run a canary from outside the gateways"))
     return parser
 
 
