@@ -46,8 +46,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     # Every answered request was teed to the shadow and logged, and exposed once.
     records, _ = read_difflog(demo.log_dir)
     assert len(records) == bench["responses"]
-    exposures, rows = read_exposures(demo.log_dir)
-    assert len(exposures) == bench["responses"]
+    _, rows = read_exposures(demo.log_dir)
+    rows = [r for r in rows if r["experiment"] == "digits"]
+    assert len(rows) == bench["responses"]
     counts = {v: sum(1 for r in rows if r["variant"] == v) for v in ("control", "candidate")}
     assert counts == {
         "control": variants["digits=control"],
@@ -67,3 +68,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert file_cmp[key] == pytest.approx(live_cmp[key], rel=1e-9), key
     assert live_cmp["test"] == "proportion"  # correct/incorrect is a binary metric
     assert Path(demo.report["html"]).exists()
+    # The canary on /rollout got its own traffic and a controller that reports on it.
+    assert demo.report["rollout"]["responses"] > 0
+    status, canaries = demo.report["canaries"]
+    assert status == 200
+    (canary,) = canaries["canaries"]
+    assert canary["experiment"] == "rollout" and canary["history"]

@@ -170,6 +170,15 @@ def gateway_config(run: DemoRun, gateway_port: int, admin_port: int) -> dict[str
                         {"name": "stable", "upstream": "model-v1", "weight": 99},
                         {"name": "next", "upstream": "model-v2", "weight": 1},
                     ],
+                    # Ramp v2 in; each step is judged on error rate and p99 latency against
+                    # the baseline before the next one, and rolled back on evidence.
+                    "canary": {
+                        "baseline": "stable",
+                        "candidate": "next",
+                        "steps": [10, 50, 100],
+                        "interval_s": 2,
+                        "min_samples": 20,
+                    },
                 },
             },
         ],
@@ -265,7 +274,7 @@ async def run_demo_async(
             f"driving {rate:g} req/s for {duration_s:g} s of held-out rows "
             f"({rows} users) through the bench driver ..."
         )
-        report: BenchReport = await run_bench(
+        ab_traffic = run_bench(
             BenchConfig(
                 url=run.gateway_url + "/predict",
                 rate=rate,
@@ -275,7 +284,20 @@ async def run_demo_async(
                 timeout_s=10.0,
             )
         )
+        canary_traffic = run_bench(
+            BenchConfig(
+                url=run.gateway_url + "/rollout",
+                rate=max(rate / 3, 20.0),
+                duration_s=duration_s,
+                method="POST",
+                body_file=str(traffic),
+                timeout_s=10.0,
+            )
+        )
+        report: BenchReport
+        report, rollout = await asyncio.gather(ab_traffic, canary_traffic)
         run.report["bench"] = report.as_dict()
+        run.report["rollout"] = rollout.as_dict()
         run.report["feedback"] = await post_outcomes(run, models, report.sent)
         await asyncio.sleep(1.2)  # the diff log and exposure writers flush every second
         run.report["experiment"] = await _admin_json(run, "/experiments/digits")

@@ -84,12 +84,25 @@ def print_report(run: DemoRun) -> None:
             f"shadow {lat['shadow']['p50']:.1f} ms"
         )
 
-    _section("canary")
-    status, canaries = run.report.get("canaries", (0, None))
-    if status == 200 and canaries:
-        print(f"  {canaries}")
-    else:
-        print("  (no canary controller answered /canaries)")
+    _section("canary: model-v2 ramped in on /rollout (GET /canaries)")
+    status, body = run.report.get("canaries", (0, None))
+    canaries = body.get("canaries", []) if status == 200 and isinstance(body, dict) else []
+    for canary in canaries:
+        print(
+            f"  {canary['experiment']}: state {canary['state']}, step {canary['step']} of "
+            f"{len(canary['steps'])}, candidate weight {canary['weight']:g}%"
+        )
+        for entry in canary.get("history", []):
+            print(
+                f"    {entry['time']}  {entry.get('from') or '-':>11} -> {entry['to']:<11} "
+                f"weight {entry['weight']:>5g}  {entry['reason']}"
+            )
+    if not canaries:
+        print(f"  (no canary answered /canaries: {body})")
+    rollout = run.report.get("rollout", {}).get("variants", {})
+    if rollout:
+        split = ", ".join(f"{k} {v['responses']}" for k, v in sorted(rollout.items()))
+        print(f"  /rollout responses over the whole run: {split}")
 
     _section("A/B result: was the prediction right? (feedback from the true labels)")
     feedback = run.report["feedback"]
