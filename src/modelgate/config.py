@@ -180,7 +180,6 @@ class VariantSpec(_Strict):
 
 
 _LATENCY_METRIC = re.compile(r"^latency_p(\d+(\.\d+)?)_ms$")  # latency_p95_ms, p99.9
-_FEEDBACK_METRIC = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")  # as feedback names them
 
 
 class CanaryCheck(_Strict):
@@ -224,7 +223,7 @@ class CanaryCheck(_Strict):
             if quantile is not None and not 0 < float(quantile.group(1)) < 100:
                 raise ValueError(f"{self.metric}: the quantile must be in (0, 100)")
         else:
-            if not _FEEDBACK_METRIC.match(self.metric):
+            if not re.match(_METRIC_NAME, self.metric):
                 raise ValueError(
                     f"metric must be error_rate, latency_pNN_ms or a feedback metric's name, "
                     f"got {self.metric!r}"
