@@ -122,7 +122,7 @@ class RecordLog:
         for name, column in zip(self.fields, zip(*rows, strict=True), strict=True):
             table = self.named.get(name)
             if table:
-                ids = {value: self._id(table, value) for value in set(column)}
+                ids = {value: self._id(table, value) for value in dict.fromkeys(column)}
                 records[name] = [ids[value] for value in column]
             else:
                 records[name] = column
