@@ -7,6 +7,15 @@ import os
 from types import ModuleType
 
 import pytest
+from hypothesis import settings
+
+# --- hypothesis ---
+# Property tests explore the same examples on every run (derandomize) and have no per-example
+# deadline: a suite that passes must pass again on a loaded 2-core CI machine. Exploring new
+# examples is a local choice: HYPOTHESIS_PROFILE=explore.
+settings.register_profile("repeatable", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 # --- core twins ---
 # Every core test runs on the compiled core and on its pure-Python twin through `core_module`.
