@@ -202,3 +202,24 @@ async def test_oversized_headers_are_431() -> None:
         big = b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n"
         (response,) = await raw_exchange(stack.port, big)
     assert response.status == 431
+
+
+@async_test
+async def test_connections_beyond_max_connections_get_503() -> None:
+    config = simple_config()
+    config["limits"] = {"max_connections": 2}
+    async with gateway_stack(config, {"model-a": MockSettings()}) as stack:
+        held = [await asyncio.open_connection("127.0.0.1", stack.port) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.port)
+        response = await read_response(reader)
+        assert response.status == 503
+        assert error_of(response.body)["error"] == "too_many_connections"
+        assert await is_closed(reader)
+        writer.close()
+        for _, held_writer in held:
+            held_writer.close()
+        await asyncio.sleep(0.05)
+        (after,) = await raw_exchange(stack.port, GET)  # capacity is back
+        assert after.status == 200
+        assert stack.gateway.counters.rejected_connections == 1
