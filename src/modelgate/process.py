@@ -6,6 +6,7 @@ stop signal exits at once. `supervise` is shared with the --workers parent.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -141,6 +142,10 @@ async def start_gateway(config: GatewayConfig, sock: socket.socket) -> Gateway:
     gateway = Gateway(compile_plan(config), asyncio.get_running_loop())
     track_gateway(gateway)
     await gateway.listen(sock)
+    # Everything alive now (modules, numpy, scipy, the Plan) lives as long as the process: out
+    # of the collector's sight, a full collection walks only what serving created. Measured
+    # with wrk -c8 on the default config: p99 20-23 ms before, 12-14 ms after.
+    gc.freeze()
     return gateway
 
 
