@@ -103,12 +103,16 @@ def upstream_nginx_conf(prefix: Path, port: int) -> str:
     return nginx_conf(prefix, block)
 
 
-def proxy_nginx_conf(prefix: Path, port: int, upstream_port: int) -> str:
-    upstream = f"""    upstream model {{
+def _keepalive_upstream(upstream_port: int) -> str:
+    return f"""    upstream model {{
         server 127.0.0.1:{upstream_port};
         keepalive 64;
         keepalive_requests 1000000;
     }}"""
+
+
+def proxy_nginx_conf(prefix: Path, port: int, upstream_port: int) -> str:
+    upstream = _keepalive_upstream(upstream_port)
     block = f"""        listen 127.0.0.1:{port};
         location / {{
             proxy_pass http://model;
@@ -120,11 +124,7 @@ def proxy_nginx_conf(prefix: Path, port: int, upstream_port: int) -> str:
 
 def mirror_nginx_conf(prefix: Path, port: int, upstream_port: int) -> str:
     """nginx with its `mirror` module: every request also goes to the (same) upstream."""
-    upstream = f"""    upstream model {{
-        server 127.0.0.1:{upstream_port};
-        keepalive 64;
-        keepalive_requests 1000000;
-    }}"""
+    upstream = _keepalive_upstream(upstream_port)
     block = f"""        listen 127.0.0.1:{port};
         location / {{
             mirror /mirror;

@@ -20,8 +20,8 @@ from .support import (
     async_test,
     free_port,
     get_json,
+    serve_ready,
     served_config,
-    wait_listening,
     wait_until,
     write_config,
 )
@@ -55,18 +55,9 @@ def test_reloads_reach_every_worker(tmp_path: Path) -> None:
             port, admin_port = free_port(), free_port()
             ports = {"model-a": upstream_port, "model-b": upstream_port}
             config = served_config(ab_config((50, 50)), ports, port, admin_port)
-            proc = processes.start(config, "--workers", "2")
-            await asyncio.to_thread(wait_listening, port, proc)
+            proc = await serve_ready(processes, config, "--workers", "2")
             admin, url = f"http://127.0.0.1:{admin_port}", f"http://127.0.0.1:{port}/predict"
             async with aiohttp.ClientSession() as session:
-
-                async def ready() -> bool:
-                    try:
-                        return (await get_json(session, admin + "/readyz"))[0] == 200
-                    except aiohttp.ClientError:
-                        return False
-
-                await wait_until(ready, "both workers serving")
                 _, status = await get_json(session, admin + "/status")
                 pids = {w["pid"] for w in status["workers"]}
                 assert len(pids) == 2 and proc.pid not in pids
