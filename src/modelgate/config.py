@@ -66,6 +66,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"must start with '/', got {value!r}")
+    return value
+
+
 def _lowercase_header_names(value: dict[str, str]) -> dict[str, str]:
     """Header matches are exact on values, case-insensitive on names (stored lowercase)."""
     for name in value:
@@ -143,9 +149,7 @@ class MatchSpec(_Strict):
     @field_validator("path_prefix")
     @classmethod
     def _absolute(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError(f"must start with '/', got {value!r}")
-        return value
+        return _absolute_path(value)
 
     @field_validator("methods")
     @classmethod
@@ -619,9 +623,7 @@ class FeedbackSpec(_Strict):
     @field_validator("path")
     @classmethod
     def _absolute(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError(f"must start with '/', got {value!r}")
-        return value
+        return _absolute_path(value)
 
 
 class ExposureSpec(_Strict):

@@ -295,7 +295,7 @@ class ClientConnection(asyncio.Protocol):
 
     def note_buffered(self, exchange: Exchange) -> None:
         """Bounds the request body held while no upstream connection is attached."""
-        if exchange.buffered > MAX_BUFFERED_BODY and not exchange.waiting_for_body:
+        if exchange.buffered > MAX_BUFFERED_BODY and exchange.body_waiter is None:
             # (An exchange waiting for its whole body is bounded by its own body limit.)
             self.pause_reading_for(exchange, _PAUSE_BUFFER)
         elif self.pause_mask & _PAUSE_BUFFER:

@@ -53,13 +53,24 @@ class DemoRun:
         self.model_urls: dict[str, str] = {}
         self.report: dict[str, Any] = {}
 
-    async def start_model(self, name: str, model_path: Path) -> None:
+    async def _spawn(self, *args: str, stdout: int | None = None) -> asyncio.subprocess.Process:
+        """`modelgate ARGS` in its own session (a Ctrl-C reaches only the demo), tracked for
+        `stop()`."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "modelgate",
             "--log-level",
             "WARNING",
+            *args,
+            stdout=stdout,
+            start_new_session=True,
+        )
+        self.processes.append(proc)
+        return proc
+
+    async def start_model(self, name: str, model_path: Path) -> None:
+        proc = await self._spawn(
             "mock-model",
             "--model",
             str(model_path),
@@ -68,9 +79,7 @@ class DemoRun:
             "--port",
             "0",
             stdout=asyncio.subprocess.PIPE,
-            start_new_session=True,
         )
-        self.processes.append(proc)
         assert proc.stdout is not None
         async with asyncio.timeout(30):
             line = (await proc.stdout.readline()).decode()
@@ -81,18 +90,7 @@ class DemoRun:
     async def start_gateway(self, config: dict[str, Any]) -> None:
         path = self.workdir / "gateway.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "modelgate",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--config",
-            str(path),
-            start_new_session=True,
-        )
-        self.processes.append(proc)
+        proc = await self._spawn("serve", "--config", str(path))
         async with aiohttp.ClientSession() as session:
             for _ in range(300):
                 if proc.returncode is not None:

@@ -16,6 +16,7 @@ import httptools
 import orjson
 
 from modelgate.chaos import mutate_json
+from modelgate.exposure import FLAG_ENROLLED, FLAG_FORCED
 from modelgate.faults import Throttle
 from modelgate.http11 import (
     GATEWAY_SET_RESPONSE_HEADERS,
@@ -117,7 +118,6 @@ class Exchange:
         "no_response_body",
         "pending_head",
         "upstream_activity",
-        "waiting_for_body",
         "reject",
         "started_at",
         "shadow",
@@ -127,7 +127,6 @@ class Exchange:
         "throttle",
         "model_head",
         "model_body",
-        "enrolled",
         "assignments",
         "body_waiter",
         "pools",
@@ -173,7 +172,6 @@ class Exchange:
         self.no_response_body = False
         self.pending_head: bytes | None = None
         self.upstream_activity = 0.0
-        self.waiting_for_body = False
         self.reject: tuple[int, str, str] | None = None
         self.started_at = 0.0
         self.shadow: ShadowSession | None = None
@@ -183,7 +181,6 @@ class Exchange:
         self.throttle: Throttle | None = None
         self.model_head: list[bytes] | None = None  # head parts held while a model fault waits
         self.model_body: list[bytes] = []
-        self.enrolled = False  # the unit counts in the experiment's analysis
         self.assignments: list[tuple[str, str, bool]] = []  # (experiment, variant, enrolled)
         self.body_waiter: Callable[[], None] | None = None  # runs when the body is complete
         self.pools: dict[str, UpstreamPool] = {}  # the pools of the Plan read at start
@@ -229,12 +226,10 @@ class Exchange:
         if upstream is not None:
             if self.chunked:
                 upstream.write(b"0\r\n\r\n")
-        elif self.waiting_for_body:
-            self.waiting_for_body = False
+        elif self.body_waiter is not None:
             waiter = self.body_waiter
             self.body_waiter = None
-            if waiter is not None:
-                waiter()
+            waiter()
 
     def body_error(self, status: int, code: str, detail: str) -> None:
         """The request body turned out malformed after the exchange started."""
@@ -301,7 +296,6 @@ class Exchange:
         self._route_and_forward()
 
     def _wait_for_body(self, then: Callable[[], None]) -> None:
-        self.waiting_for_body = True
         self.body_waiter = then
         self._send_continue()
         if self.buffered:
@@ -495,7 +489,6 @@ class Exchange:
             variant = experiment.variants[index]
             if not names:
                 self.variant_name = variant.name
-                self.enrolled = enrolled
             names.append(variant.assignment)
             self.assignments.append((experiment.name, variant.name, enrolled))
             if plan.exposures:
@@ -505,7 +498,7 @@ class Exchange:
                     unit,
                     experiment.name,
                     variant.name,
-                    (1 if enrolled else 0) | (0 if index_from_unit else 2),
+                    (FLAG_ENROLLED if enrolled else 0) | (0 if index_from_unit else FLAG_FORCED),
                 )
             if upstream is None and variant.routes_traffic:
                 upstream = variant.upstream
@@ -531,14 +524,13 @@ class Exchange:
             return None
         variant = experiment.variants[experiment.table.assign(experiment.salt, unit)]
         self.variant_name = variant.name
-        self.enrolled = True
         self.variant_header = variant.assignment
         self.variant_line = variant.header_line
         record = variant.record
         self.assignments.append(record)
         outcomes = self.client.gateway.outcomes
         if plan.exposures:
-            outcomes.expose(plan, self.request_id, unit, record[0], record[1], 1)
+            outcomes.expose(plan, self.request_id, unit, record[0], record[1], FLAG_ENROLLED)
         if plan.remember_requests:
             outcomes.remember(
                 self.request_id, (record,), self.client.gateway.loop.time(), plan.config.feedback
@@ -559,12 +551,15 @@ class Exchange:
         return os.urandom(8).hex()
 
     def _lookup(self, kind: str, name: str) -> str | None:
-        """A request value for segment conditions: header, cookie or query parameter."""
+        """A request value for segment conditions (header names come lowercase)."""
+        return self._value(kind, name.encode("latin-1" if kind == "header" else "utf-8"))
+
+    def _value(self, kind: str, key: bytes) -> str | None:
+        """A header (`key` lowercase), cookie or query parameter of the request, or None."""
         if kind == "header":
-            value = self._header(name.encode("latin-1"))
+            value = self._header(key)
             return value.decode("utf-8", "replace") if value is not None else None
         if kind == "cookie":
-            key = name.encode("utf-8")
             for lname, _, header_value in self.headers:
                 if lname == b"cookie":
                     found = cookie_value(header_value, key)
@@ -572,7 +567,7 @@ class Exchange:
                         return found
             return None
         _, sep, query = self.url.partition(b"?")
-        return query_value(query, name.encode("utf-8")) if sep else None
+        return query_value(query, key) if sep else None
 
     def _begin_shadow(self, plan: Plan, route: CompiledRoute, unit: str | None) -> None:
         experiment = route.experiment
@@ -683,23 +678,10 @@ class Exchange:
         route = self.route
         assert route is not None
         for source in route.unit_sources:
-            kind = source.kind
-            if kind == "header":
-                value = self._header(source.key)
-                if value:
-                    return value.decode("utf-8", "replace")
-            elif kind == "cookie":
-                for name, _, header_value in self.headers:
-                    if name == b"cookie":
-                        found = cookie_value(header_value, source.key)
-                        if found is not None:
-                            return found
-            elif kind == "query":
-                _, sep, query = self.url.partition(b"?")
-                if sep:
-                    found = query_value(query, source.key)
-                    if found is not None:
-                        return found
+            if source.kind != "json":
+                found = self._value(source.kind, source.key)
+                if found:  # an empty header is no unit id
+                    return found
             elif self.body_complete and self.body_chunks:
                 found = json_field(b"".join(self.body_chunks), source.name)
                 if found is not None:

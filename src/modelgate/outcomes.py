@@ -239,13 +239,9 @@ class OutcomeStore:
         self, assignments: list[tuple[str, str, bool]], latency_s: float, error: bool
     ) -> None:
         """One response's latency and error for each experiment it was enrolled in."""
-        system = self.system
         for experiment, variant, enrolled in assignments:
             if enrolled:
-                found = system.get((experiment, variant))
-                if found is None:
-                    found = system[(experiment, variant)] = VariantSystem()
-                found.add(latency_s, error)
+                self.observe(experiment, variant, latency_s, error)
 
     def observe(self, experiment: str, variant: str, latency_s: float, error: bool) -> None:
         key = (experiment, variant)
