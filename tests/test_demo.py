@@ -74,3 +74,19 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert status == 200
     (canary,) = canaries["canaries"]
     assert canary["experiment"] == "rollout" and canary["history"]
+
+
+def test_bad_demo_flags_are_refused_with_the_flag_named() -> None:
+    import subprocess
+    import sys
+
+    for flag in ("--duration", "--rate"):
+        result = subprocess.run(
+            [sys.executable, "-m", "modelgate", "demo", flag, "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2
+        assert "--duration and --rate must be > 0" in result.stderr
