@@ -50,6 +50,7 @@ class ChaosDecision:
     slow_bytes_per_s: int | None = None
     model: ModelFaultSpec | None = None
     rng: random.Random | None = None
+    model_counts: Counter[str] | None = None  # the model rule's counts (to count skips)
 
     @property
     def header_value(self) -> bytes:
@@ -222,6 +223,7 @@ def _apply_rule(decision: ChaosDecision, rule: ChaosRule, state: RuleState) -> b
     if rule.model is not None and decision.model is None:
         decision.model = rule.model
         decision.rng = state.rng
+        decision.model_counts = counts
         counts["model"] += 1
     return True
 

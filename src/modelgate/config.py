@@ -102,6 +102,17 @@ class LimitsSpec(_Strict):
     drain_timeout_ms: int = Field(30_000, ge=0)
     # Shadows need whole bodies: a request or primary response larger than this is not teed.
     shadow_body_max_bytes: int = Field(1024 * 1024, ge=0)
+    # After the grace, a request body must arrive at this average rate (0: no minimum), so
+    # a client trickling bytes cannot hold a request, nor the upstream it streams to.
+    client_body_min_rate_bytes_per_s: int = Field(1024, ge=0)
+    client_body_min_rate_grace_ms: int = Field(10_000, ge=0)
+    # A client that leaves the gateway's answers unread this long is disconnected.
+    client_send_timeout_ms: int = Field(60_000, ge=1)
+    # Bodies up to this size are read whole before an upstream connection is taken (as
+    # nginx's proxy_request_buffering does), so slow senders never pin the upstream pools.
+    request_buffer_bytes: int = Field(256 * 1024, ge=0)
+    # An upstream response head (or its trailers) beyond this is a broken upstream: 502.
+    max_upstream_header_bytes: int = Field(64 * 1024, ge=1024)
 
 
 class UpstreamSpec(_Strict):
@@ -110,6 +121,12 @@ class UpstreamSpec(_Strict):
     connect_timeout_ms: int = Field(2_000, ge=1)
     max_idle: int = Field(64, ge=0)
     max_connections: int = Field(1024, ge=1)
+    # A request waiting for a connection (the pool at max_connections) gets 503 after this.
+    queue_timeout_ms: int = Field(5_000, ge=1)
+    # A request is sent again on a fresh connection when a reused one dies before any answer
+    # only if its method is idempotent or it carries an Idempotency-Key, unless this says
+    # the upstream's answers have no side effects (as nginx's proxy_next_upstream does).
+    retry_non_idempotent: bool = False
 
     @field_validator("url")
     @classmethod
@@ -142,7 +159,13 @@ class UpstreamSpec(_Strict):
 
 
 class MatchSpec(_Strict):
+    """Paths are matched after normalization (dot segments removed, %-encoded unreserved
+    characters decoded). `path_prefix` is a plain byte prefix (`/predict` also matches
+    `/predictions`); `path_separated_prefix` matches the prefix only at a segment boundary
+    (`/predict`, `/predict/...`, `/predict?...`), as Envoy's key of that name does."""
+
     path_prefix: str = "/"
+    path_separated_prefix: str | None = None
     methods: list[str] | None = None
     headers: dict[str, str] = Field(default_factory=dict)
 
@@ -150,6 +173,22 @@ class MatchSpec(_Strict):
     @classmethod
     def _absolute(cls, value: str) -> str:
         return _absolute_path(value)
+
+    @field_validator("path_separated_prefix")
+    @classmethod
+    def _separated(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _absolute_path(value)
+        if value.endswith("/"):
+            raise ValueError(f"must not end with '/' (it matches at '/' itself), got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_prefix(self) -> MatchSpec:
+        if self.path_separated_prefix is not None and "path_prefix" in self.model_fields_set:
+            raise ValueError("give path_prefix or path_separated_prefix, not both")
+        return self
 
     @field_validator("methods")
     @classmethod

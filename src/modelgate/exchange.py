@@ -23,6 +23,7 @@ from modelgate.http11 import (
     connection_tokens,
     error_response,
     is_valid_request_id,
+    normalize_path,
     status_line,
 )
 from modelgate.outcomes import FeedbackError
@@ -51,8 +52,12 @@ _UPSTREAM_FAILURE_STATUS = {
     "connect_timeout": (504, "upstream_timeout"),
     "timeout": (504, "upstream_timeout"),
     "saturated": (503, "no_healthy_upstream"),
+    "queue_timeout": (503, "no_healthy_upstream"),
     "unavailable": (503, "no_healthy_upstream"),
 }
+
+# RFC 9110 §9.2.2: a request of these methods may be sent again after a failure.
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 _REQUEST_ID_PREFIX = os.urandom(6).hex().encode()
 _request_counter = 0
@@ -131,6 +136,8 @@ class Exchange:
         "body_waiter",
         "pools",
         "variant_line",
+        "buffering",
+        "model_held",
     )
 
     def __init__(self, client: ClientConnection) -> None:
@@ -185,6 +192,8 @@ class Exchange:
         self.body_waiter: Callable[[], None] | None = None  # runs when the body is complete
         self.pools: dict[str, UpstreamPool] = {}  # the pools of the Plan read at start
         self.variant_line = b""  # the x-modelgate-variant header line, when one applies
+        self.buffering = False  # reading the body whole before taking an upstream connection
+        self.model_held = 0  # body bytes held for a model fault
 
     # --- request body, fed by the client connection -----------------------------------
 
@@ -214,6 +223,12 @@ class Exchange:
         else:
             self.body_chunks.append(data)
             self.buffered += len(data)
+            if self.buffering and self.plan is not None:
+                if self.buffered > self.plan.limits.request_buffer_bytes:
+                    # Too large to hold whole: stream the rest through a connection.
+                    self.body_waiter = None
+                    self._acquire()
+                return
             self.client.note_buffered(self)
 
     def finish_body(self) -> None:
@@ -372,6 +387,21 @@ class Exchange:
         self.request_head = self._request_head(
             target.host_header, target.base_path, self._framing(), b""
         )
+        buffer_limit = plan.limits.request_buffer_bytes
+        if not self.body_complete and max(self.content_length or 0, self.buffered) <= buffer_limit:
+            # A body that fits is read whole first (nginx's proxy_request_buffering): a slow
+            # sender then holds a buffer, never one of the upstream's connections.
+            self.buffering = True
+            self.body_waiter = self._acquire
+            if self.buffered:
+                self.client.note_buffered(self)  # lifts a buffering pause: the body is awaited
+            return
+        self._acquire()
+
+    def _acquire(self) -> None:
+        self.buffering = False
+        pool = self.pool
+        assert pool is not None
         conn = pool.acquire(self)
         if conn is not None:
             self.upstream_ready(conn)
@@ -795,9 +825,10 @@ class Exchange:
             and self.replay is not None
             and self.replays < MAX_REPLAYS
             and self.pool is not None
+            and self._replayable()
         ):
-            # The upstream closed a keep-alive connection as we reused it: it never saw the
-            # request, so send it again on another connection.
+            # The upstream closed a keep-alive connection as we reused it: most likely it
+            # never saw the request, so send it again on another connection.
             self.replays += 1
             gateway.counters.replays += 1
             self.body_chunks = list(self.replay)
@@ -817,6 +848,20 @@ class Exchange:
         status, code = _UPSTREAM_FAILURE_STATUS.get(kind, (502, "upstream_broken"))
         self.keep_alive = self.keep_alive and self.body_complete
         self.fail(status, code, detail)
+
+    def _replayable(self) -> bool:
+        """Whether the request may be sent twice: a reused connection that died before any
+        answer may still have delivered it to the model (nginx's proxy_next_upstream and Go's
+        http.Transport retry only idempotent requests, or those with an Idempotency-Key)."""
+        if self.method in IDEMPOTENT_METHODS:
+            return True
+        target = self.target
+        if target is not None and target.retry_non_idempotent:
+            return True
+        return (
+            self._header(b"idempotency-key") is not None
+            or self._header(b"x-idempotency-key") is not None
+        )
 
     def response_head(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes, bytes]], framed: bool
@@ -849,17 +894,31 @@ class Exchange:
         if decision is not None and decision.model is not None and not no_body:
             if self._hold_for_model_fault(status, headers, content_length, parts):
                 return
-        chunked_upstream = framed and content_length is None
         if no_body:
             if content_length is not None and status != 204:
                 parts += (b"content-length: ", content_length, b"\r\n")
-        elif content_length is not None and not chunked_upstream:
+        elif content_length is not None:
             parts += (b"content-length: ", content_length, b"\r\n")
-        elif self.version == "1.1":
+        else:
+            self._frame_unknown_length(parts)
+        # Held back until the end of this read so head and body leave in one write.
+        self.pending_head = self._close_head(parts)
+        if decision is not None:
+            if decision.slow_bytes_per_s is not None and not no_body:
+                self.throttle = Throttle(
+                    decision.slow_bytes_per_s, self.client.write, self._pause_upstream_reading
+                )
+                self.flush_head()
+
+    def _frame_unknown_length(self, parts: list[bytes]) -> None:
+        if self.version == "1.1":
             self.client_chunked = True
             parts.append(b"transfer-encoding: chunked\r\n")
         else:
             self.keep_alive = False  # HTTP/1.0 client, unknown length: close-delimited
+
+    def _close_head(self, parts: list[bytes]) -> bytes:
+        """The gateway's headers, the connection verdict and the blank line."""
         if not self.client.gateway.accepting:
             self.keep_alive = False
         parts.append(self._gateway_headers())
@@ -868,14 +927,7 @@ class Exchange:
         elif self.version == "1.0":
             parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
-        # Held back until the end of this read so head and body leave in one write.
-        self.pending_head = b"".join(parts)
-        if decision is not None:
-            if decision.slow_bytes_per_s is not None and not no_body:
-                self.throttle = Throttle(
-                    decision.slow_bytes_per_s, self.client.write, self._pause_upstream_reading
-                )
-                self.flush_head()
+        return b"".join(parts)
 
     def _pause_upstream_reading(self, pause: bool) -> None:
         if self.upstream is not None:
@@ -899,9 +951,28 @@ class Exchange:
         if not (200 <= status < 300 and is_json):
             return False
         if content_length is not None and int(content_length) > limit:
+            self._count_model_skip()
             return False
         self.model_head = parts
         return True
+
+    def _count_model_skip(self) -> None:
+        decision = self.chaos
+        if decision is not None and decision.model_counts is not None:
+            decision.model_counts["skipped_too_large"] += 1
+
+    def _release_model_hold(self) -> None:
+        """A held answer grew past shadow_body_max_bytes: it goes to the client unfaulted,
+        the held part now and the rest as it streams, so the hold never exceeds the limit."""
+        parts = self.model_head
+        assert parts is not None
+        self.model_head = None
+        held = b"".join(self.model_body)
+        self.model_body = []
+        self._count_model_skip()
+        self._frame_unknown_length(parts)
+        self.client.write(self._close_head(parts))
+        self._write_body(held)
 
     def flush_head(self) -> None:
         """End of an upstream read: a head not yet followed by body goes out now (streams)."""
@@ -936,6 +1007,10 @@ class Exchange:
         assert decision is not None
         if self.model_head is not None:
             self.model_body.append(data)
+            self.model_held += len(data)
+            plan = self.plan
+            if plan is not None and self.model_held > plan.limits.shadow_body_max_bytes:
+                self._release_model_hold()
             return True
         truncate = decision.truncate_bytes
         if truncate is not None:
@@ -986,15 +1061,8 @@ class Exchange:
         faulted = mutate_json(body, decision.model, rng)
         if faulted is not None:
             body = faulted
-        if not self.client.gateway.accepting:
-            self.keep_alive = False
-        parts += (b"content-length: %d\r\n" % len(body), self._gateway_headers())
-        if not self.keep_alive:
-            parts.append(b"connection: close\r\n")
-        elif self.version == "1.0":
-            parts.append(b"connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        self.client.writelines([b"".join(parts), body])
+        parts.append(b"content-length: %d\r\n" % len(body))
+        self.client.writelines([self._close_head(parts), body])
 
     def response_complete(self) -> None:
         if self.done:
@@ -1017,13 +1085,15 @@ class Exchange:
         elif head is not None:
             self.client.write(head)
         if conn is not None and self.pool is not None:
-            if self.body_complete:
+            exact = self.chunked or self.body_bytes == (self.content_length or 0)
+            if self.body_complete and exact:
                 self.pool.release(conn)
             else:
-                # The upstream answered before the request body ended: neither side's
-                # framing can be trusted for another request.
+                # The upstream answered before the request body ended (or the body sent was
+                # not the one its head announced): the connection's framing is unknown.
                 conn.close()
-                self.keep_alive = False
+                if not self.body_complete:
+                    self.keep_alive = False
         if self.shadow is not None:
             self.shadow.primary_complete(self.client.gateway.loop.time())
         if throttle is not None:
@@ -1116,14 +1186,18 @@ class Exchange:
 
 
 def parse_request_target(url: bytes) -> bytes | None:
-    """The origin-form target (`/path?query`) the upstream gets; None when unusable."""
+    """The origin-form target (`/path?query`, its path normalized) that routes match and
+    the upstream gets; None when unusable."""
     if url[:1] == b"/":
-        return url
+        path, sep, query = url.partition(b"?")
+        if b"%" not in path and b"/." not in path:
+            return url  # the common case: nothing to normalize
+        return normalize_path(path) + sep + query
     if url == b"*":
         return url
     try:
         parsed = httptools.parse_url(url)
     except httptools.HttpParserInvalidURLError:
         return None
-    path = parsed.path or b"/"
+    path = normalize_path(parsed.path or b"/")
     return path + b"?" + parsed.query if parsed.query else path

@@ -21,6 +21,7 @@ __all__ = [
     "error_response",
     "is_valid_host",
     "is_valid_request_id",
+    "normalize_path",
     "status_line",
 ]
 
@@ -74,6 +75,8 @@ _HOST = re.compile(
     rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]{0,5})?$",
 )
 _REQUEST_ID = re.compile(rb"^[\x21-\x7e]{1,200}$")
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
 def connection_tokens(value: bytes) -> set[bytes]:
@@ -92,6 +95,33 @@ def is_valid_host(value: bytes) -> bool:
 def is_valid_request_id(value: bytes) -> bool:
     """A client's x-request-id is kept only when it is short visible ASCII (no injection)."""
     return _REQUEST_ID.match(value) is not None
+
+
+def _percent(match: re.Match[bytes]) -> bytes:
+    byte = int(match.group(1), 16)
+    return bytes((byte,)) if byte in _UNRESERVED else b"%" + match.group(1).upper()
+
+
+def normalize_path(path: bytes) -> bytes:
+    """RFC 3986 §6.2.2: percent-encoded unreserved characters decoded (`%2e` is a dot), the
+    other escapes uppercased, and dot segments removed (§5.2.4), as nginx and Envoy's
+    normalize_path do before matching: `/public/../admin` and `/public/%2e%2e/admin` are
+    `/admin`, for routing and for the upstream alike. `%2F` stays an escape, not a slash."""
+    if b"%" in path:
+        path = _PERCENT.sub(_percent, path)
+    if b"/." not in path:
+        return path
+    segments = path.split(b"/")[1:]
+    kept: list[bytes] = []
+    for segment in segments:
+        if segment == b"..":
+            if kept:
+                kept.pop()
+        elif segment != b".":
+            kept.append(segment)
+    if segments[-1] in (b".", b".."):
+        kept.append(b"")  # `/a/b/..` is the directory `/a/`
+    return b"/" + b"/".join(kept)
 
 
 _STATUS_LINES: dict[int, bytes] = {

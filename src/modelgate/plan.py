@@ -51,6 +51,9 @@ class UpstreamTarget:
     connect_timeout_s: float
     max_idle: int
     max_connections: int
+    queue_timeout_s: float = 5.0
+    retry_non_idempotent: bool = False
+    max_header_bytes: int = 64 * 1024  # of a response head, and of its trailers
 
     @property
     def pool_key(self) -> tuple[str, int, float, int, int]:
@@ -98,6 +101,7 @@ class CompiledRoute:
     index: int
     name: str
     path_prefix: bytes
+    separated: bool  # the prefix matches only at a segment boundary
     methods: frozenset[bytes] | None
     match_headers: tuple[tuple[bytes, bytes], ...]
     unit_sources: tuple[UnitSource, ...]
@@ -114,8 +118,11 @@ class CompiledRoute:
     def matches(
         self, method: bytes, path: bytes, headers: Sequence[tuple[bytes, bytes, bytes]]
     ) -> bool:
-        if not path.startswith(self.path_prefix):
+        prefix = self.path_prefix
+        if not path.startswith(prefix):
             return False
+        if self.separated and len(path) > len(prefix) and path[len(prefix)] != 0x2F:
+            return False  # /predictions is not under /predict
         if self.methods is not None and method not in self.methods:
             return False
         for wanted_name, wanted_value in self.match_headers:
@@ -157,7 +164,7 @@ def config_digest(config: GatewayConfig) -> str:
     return hashlib.sha256(canonical).hexdigest()[:16]
 
 
-def _upstream_target(name: str, spec: UpstreamSpec) -> UpstreamTarget:
+def _upstream_target(name: str, spec: UpstreamSpec, limits: LimitsSpec) -> UpstreamTarget:
     host = spec.host
     authority = f"[{host}]" if ":" in host else host
     if spec.port != 80:
@@ -172,6 +179,9 @@ def _upstream_target(name: str, spec: UpstreamSpec) -> UpstreamTarget:
         connect_timeout_s=spec.connect_timeout_ms / 1000.0,
         max_idle=spec.max_idle,
         max_connections=spec.max_connections,
+        queue_timeout_s=spec.queue_timeout_ms / 1000.0,
+        retry_non_idempotent=spec.retry_non_idempotent,
+        max_header_bytes=limits.max_upstream_header_bytes,
     )
 
 
@@ -256,7 +266,8 @@ def _compile_route(
     return CompiledRoute(
         index=index,
         name=spec.name,
-        path_prefix=spec.match.path_prefix.encode("utf-8"),
+        path_prefix=(spec.match.path_separated_prefix or spec.match.path_prefix).encode("utf-8"),
+        separated=spec.match.path_separated_prefix is not None,
         methods=methods,
         match_headers=tuple(
             (name.encode("latin-1"), value.encode("latin-1"))
@@ -278,7 +289,9 @@ def _compile_route(
 
 def compile_plan(config: GatewayConfig, version: int = 1) -> Plan:
     """Builds every table a request will read; the config is already validated."""
-    upstreams = {name: _upstream_target(name, spec) for name, spec in config.upstreams.items()}
+    upstreams = {
+        name: _upstream_target(name, spec, config.limits) for name, spec in config.upstreams.items()
+    }
     layers = _compile_layers(config)
     routes = tuple(
         _compile_route(i, spec, upstreams, layers) for i, spec in enumerate(config.routes)

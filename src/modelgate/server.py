@@ -39,16 +39,16 @@ class Gateway:
     def __init__(self, plan: Plan, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.loop = loop if loop is not None else asyncio.get_running_loop()
         self.plan = plan
-        self.registry = UpstreamRegistry()
+        self.counters = Counters(plan.version)
+        self.registry = UpstreamRegistry(self.counters.count_upstream_error)
         self.registry.apply(plan.upstreams)
         self.connections: set[ClientConnection] = set()
         self.inflight: set[Exchange] = set()  # exchanges waiting on an upstream
-        self.counters = Counters(plan.version)
         self.shadows = ShadowDispatcher()  # its diff-log sink is attached by whoever serves
         self.chaos = ChaosRuntime()
         self.outcomes = OutcomeStore()  # feedback, per-variant system metrics, exposures
         self.accepting = True
-        self.body_timeout_s = plan.limits.client_body_timeout_ms / 1000.0
+        self._read_limits(plan)
         self.servers: list[asyncio.AbstractServer] = []
         self.started_at = time.time()
         self._sweeper: asyncio.Task[None] | None = None
@@ -62,10 +62,18 @@ class Gateway:
         Pools of upstreams whose address is unchanged are kept (warm connections survive);
         pools of removed or re-addressed upstreams close once their connections are free."""
         self.registry.apply(plan.upstreams)
-        self.body_timeout_s = plan.limits.client_body_timeout_ms / 1000.0
+        self._read_limits(plan)
         self.counters.begin_version(plan.version)
         self.plan = plan
         VersionLogFilter.set_version(plan.version)
+
+    def _read_limits(self, plan: Plan) -> None:
+        # Read by every connection on every body chunk and deadline check: kept at hand.
+        limits = plan.limits
+        self.body_timeout_s = limits.client_body_timeout_ms / 1000.0
+        self.body_min_rate = limits.client_body_min_rate_bytes_per_s
+        self.body_grace_s = limits.client_body_min_rate_grace_ms / 1000.0
+        self.send_timeout_s = limits.client_send_timeout_ms / 1000.0
 
     # --- listening --------------------------------------------------------------------------
 
@@ -83,10 +91,11 @@ class Gateway:
         # request cost ~4% of the proxy's CPU; this costs a set add and discard.
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
+            now = self.loop.time()
             if self.inflight:
-                now = self.loop.time()
                 for exchange in list(self.inflight):
                     exchange.check_timeout(now)
+            self.registry.expire_waiters(now)
 
     async def _sweep(self) -> None:
         while True:

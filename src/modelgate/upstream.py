@@ -5,12 +5,17 @@ no await), else opens one in a task, bounded by `max_connections` and a bounded 
 A connection the upstream closed is dropped the moment uvloop reports it, so no request is
 written to it; the race where the close is still in flight is covered by the exchange's
 one retry on a reused connection that failed before any response byte.
+
+A connection is pooled only when its framing is exactly known: a response head or trailers
+beyond the target's limit, a second response after a complete one, or any byte while idle
+discard it (as nginx does), and each is counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import httptools
@@ -55,6 +60,9 @@ class UpstreamConnection(asyncio.Protocol):
         "failed",
         "headers_done",
         "reusable",
+        "head_bytes",
+        "extra",
+        "error",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -78,6 +86,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.failed = False
         self.headers_done = False
         self.reusable = False
+        self.head_bytes = 0  # of the response head, then of its trailers
+        self.extra = False  # bytes after the complete response: never pooled again
+        self.error = ""  # why a callback stopped the parser
 
     # --- the exchange's side -------------------------------------------------------------
 
@@ -135,24 +146,37 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         if sink is None or self.complete:
             # Bytes nobody asked for: the connection's framing is unknown from here on.
+            self.pool.count("extra_bytes")
             self.abort()
             return
         self.received_any = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self.failed = True
-            self.abort()
-            sink.upstream_failed("bad_response", f"malformed response from upstream: {exc}")
+        except httptools.HttpParserUpgrade:
+            # Upgrade is hop-by-hop and never forwarded: a 101 answers nothing we asked.
+            self._broken(sink, "upstream answered 101 Switching Protocols to a plain request")
             return
+        except httptools.HttpParserError as exc:
+            if not self.complete:
+                self._broken(sink, self.error or f"malformed response from upstream: {exc}")
+                return
+            self.extra = True  # garbage after a complete response
         if self.complete:
             self.sink = None
-            if self.head_request:
+            if self.extra:
+                self.reusable = False  # released, then closed: never handed out again
+                self.pool.count("extra_bytes")
+            elif self.head_request:
                 # httptools cannot be told that a HEAD response has no body; start afresh.
                 self.parser = httptools.HttpResponseParser(self)
             sink.response_complete()
         elif self.headers_done:
             sink.flush_head()
+
+    def _broken(self, sink: ResponseSink, detail: str) -> None:
+        self.failed = True
+        self.abort()
+        sink.upstream_failed("bad_response", detail)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost does the rest
@@ -190,12 +214,22 @@ class UpstreamConnection(asyncio.Protocol):
     # --- httptools callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.complete:
+            self.extra = True  # a second response to one request: dropped, never forwarded
+            return
         self.headers_done = False
 
     def on_status(self, reason: bytes) -> None:
-        self.reason += reason
+        if not self.complete:
+            self.reason += reason
+            self._count_head(len(reason))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.complete:
+            return
+        self._count_head(len(name) + len(value) + 4)
+        if self.headers_done:
+            return  # a trailer: bounded like the head, never forwarded
         lname = name.lower()
         self.headers.append((lname, name, value))
         if lname == b"content-length" or (
@@ -203,13 +237,26 @@ class UpstreamConnection(asyncio.Protocol):
         ):
             self.framed = True
 
+    def _count_head(self, size: int) -> None:
+        self.head_bytes += size
+        limit = self.pool.target.max_header_bytes
+        if self.head_bytes > limit:
+            part = "trailers" if self.headers_done else "header"
+            self.error = (
+                f"upstream response {part} exceed {limit} bytes (max_upstream_header_bytes)"
+            )
+            raise ValueError(self.error)  # stops llhttp: the response cannot be trusted
+
     def on_headers_complete(self) -> None:
+        if self.complete:
+            return
         status = self.parser.get_status_code()
         if 100 <= status < 200:
             # Interim responses (100, 103) are consumed here; the final one follows.
             self.informational = True
             return
         self.headers_done = True
+        self.head_bytes = 0  # trailers, if any, get a limit of their own
         if status in (204, 304):
             self.framed = True
         sink = self.sink
@@ -227,8 +274,11 @@ class UpstreamConnection(asyncio.Protocol):
             sink.response_body(body)
 
     def on_message_complete(self) -> None:
+        if self.complete:
+            return
         if self.informational:
             self.informational = False
+            self.head_bytes = 0
             self.headers = []
             self.reason = b""
             self.framed = False
@@ -242,14 +292,27 @@ class UpstreamConnection(asyncio.Protocol):
         return not self.closed and not self.failed and self.reusable
 
 
-class UpstreamPool:
-    """Connections to one upstream address: bounded, reused LIFO, drained on close."""
+def _uncounted(kind: str) -> None:
+    pass
 
-    def __init__(self, target: UpstreamTarget, max_waiters: int | None = None) -> None:
+
+class UpstreamPool:
+    """Connections to one upstream address: bounded, reused LIFO, drained on close.
+
+    Requests beyond max_connections wait in a bounded FIFO queue, each for at most the
+    target's queue_timeout_s (one timeout for all, so deadlines are in queue order)."""
+
+    def __init__(
+        self,
+        target: UpstreamTarget,
+        max_waiters: int | None = None,
+        count: Callable[[str], None] = _uncounted,
+    ) -> None:
         self.target = target
+        self.count = count  # events no exchange sees: bytes after a response (extra_bytes)
         self.idle: list[UpstreamConnection] = []
         self.size = 0  # open or opening
-        self.waiters: deque[ResponseSink] = deque()
+        self.waiters: deque[tuple[float, ResponseSink]] = deque()
         self.max_waiters = max_waiters if max_waiters is not None else 4 * target.max_connections
         self.closing = False
         self.connects = 0
@@ -276,14 +339,27 @@ class UpstreamPool:
                 f"({self.target.max_connections}) with {len(self.waiters)} requests waiting",
             )
             return None
-        self.waiters.append(sink)
+        deadline = asyncio.get_running_loop().time() + self.target.queue_timeout_s
+        self.waiters.append((deadline, sink))
         return None
 
     def cancel_wait(self, sink: ResponseSink) -> None:
-        try:
-            self.waiters.remove(sink)
-        except ValueError:
-            pass
+        for entry in self.waiters:
+            if entry[1] is sink:
+                self.waiters.remove(entry)
+                return
+
+    def expire_waiters(self, now: float) -> None:
+        """Answers requests that waited for a connection longer than queue_timeout_s."""
+        waiters = self.waiters
+        while waiters and waiters[0][0] <= now:
+            _, sink = waiters.popleft()
+            sink.upstream_failed(
+                "queue_timeout",
+                f"no connection to upstream {self.target.name!r} came free within "
+                f"{self.target.queue_timeout_s * 1000:.0f} ms (max_connections "
+                f"{self.target.max_connections})",
+            )
 
     async def _connect(self, sink: ResponseSink) -> None:
         loop = asyncio.get_running_loop()
@@ -325,7 +401,7 @@ class UpstreamPool:
             conn.close()
             return
         if self.waiters:
-            sink = self.waiters.popleft()
+            _, sink = self.waiters.popleft()
             conn.reused = True
             sink.upstream_ready(conn)
             return
@@ -345,7 +421,7 @@ class UpstreamPool:
 
     def _wake_waiter(self) -> None:
         if self.waiters and self.size < self.target.max_connections:
-            sink = self.waiters.popleft()
+            _, sink = self.waiters.popleft()
             self.size += 1
             asyncio.get_running_loop().create_task(self._connect(sink))
 
@@ -371,8 +447,10 @@ class UpstreamRegistry:
     """Pools by upstream name. A reload keeps a pool whose address is unchanged (warm
     connections survive) and closes the pools of removed or re-addressed upstreams."""
 
-    def __init__(self) -> None:
+    def __init__(self, count: Callable[[str], None] = _uncounted) -> None:
         self.pools: dict[str, UpstreamPool] = {}
+        self.count = count
+        self._draining: list[UpstreamPool] = []  # closed pools whose queues still wait
 
     def apply(self, targets: dict[str, UpstreamTarget]) -> None:
         old = self.pools
@@ -383,11 +461,21 @@ class UpstreamRegistry:
                 pool.target = target  # timeouts and host header may change in place
                 new[name] = pool
             else:
-                new[name] = UpstreamPool(target)
+                new[name] = UpstreamPool(target, count=self.count)
         for name, pool in old.items():
             if new.get(name) is not pool:
                 pool.close()
+                self._draining.append(pool)
         self.pools = new
+
+    def expire_waiters(self, now: float) -> None:
+        for pool in self.pools.values():
+            if pool.waiters:
+                pool.expire_waiters(now)
+        if self._draining:
+            for pool in self._draining:
+                pool.expire_waiters(now)
+            self._draining = [pool for pool in self._draining if pool.size or pool.waiters]
 
     def close(self) -> None:
         for pool in self.pools.values():
