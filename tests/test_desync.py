@@ -341,3 +341,19 @@ async def test_a_post_is_not_replayed_when_it_may_have_reached_the_model() -> No
     assert first.status == 200
     assert second.status == 502
     assert seen == ["GET", "POST"]  # sent once, never replayed
+
+
+@async_test
+async def test_a_connection_paused_for_a_slow_client_reads_again_once_pooled() -> None:
+    """A client that stalls pauses its upstream's reading; when that exchange ended while
+    paused, the connection went back to the pool unable to read its next answer (a 504)."""
+    async with recording_upstream() as upstream:
+        async with pooled_stack(upstream) as stack:
+            (first,) = await send(stack.port, b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n")
+            pool = stack.gateway.registry.pools["model-a"]
+            conn = pool.idle.pop()
+            conn.pause_reading()  # as a slow client's pause_writing does
+            pool.release(conn)
+            (second,) = await send(stack.port, b"GET /two HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert second.status == 200
+    assert orjson.loads(second.body)["target"] == "/two"

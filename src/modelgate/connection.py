@@ -41,8 +41,8 @@ MAX_PIPELINE = 16
 MAX_BUFFERED_BODY = 256 * 1024
 # Reads larger than this are parsed in slices of this size (a body of known length goes in
 # one piece), so that one read of many tiny pipelined requests cannot become thousands of
-# parsed requests held in memory.
-FEED_SLICE = 4096
+# parsed requests held in memory: at most MAX_PIPELINE plus one slice's worth (about 40).
+FEED_SLICE = 1024
 # Chunk-size lines and extensions a chunked body may add beyond max_header_bytes, per chunk.
 CHUNK_FRAMING_ALLOWANCE = 32
 

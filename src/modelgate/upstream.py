@@ -63,6 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
         "head_bytes",
         "extra",
         "error",
+        "paused",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -72,6 +73,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink: ResponseSink | None = None
         self.closed = False
         self.reused = False
+        self.paused = False  # reading paused for a slow client
         self._reset()
         self.reusable = True  # a fresh connection that served nothing can be pooled
 
@@ -112,11 +114,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.writelines(parts)
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.paused:
+            self.paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and self.paused:
+            self.paused = False
             self.transport.resume_reading()
 
     def close(self) -> None:
@@ -400,6 +404,9 @@ class UpstreamPool:
         if not conn.keep_alive:
             conn.close()
             return
+        # Its last client may have paused it: a pooled connection must read, or it would
+        # neither answer its next request nor notice the upstream closing it.
+        conn.resume_reading()
         if self.waiters:
             _, sink = self.waiters.popleft()
             conn.reused = True
