@@ -357,3 +357,34 @@ async def test_a_connection_paused_for_a_slow_client_reads_again_once_pooled() -
             (second,) = await send(stack.port, b"GET /two HTTP/1.1\r\nHost: a\r\n\r\n")
     assert second.status == 200
     assert orjson.loads(second.body)["target"] == "/two"
+
+
+@async_test
+async def test_a_shadow_copy_carries_no_trailer_of_the_request() -> None:
+    """Finding 3: every shadow copy's head is built after the body, so trailers used to
+    arrive there as headers (and a forged Host as x-forwarded-host)."""
+    config = simple_config()
+    config["upstreams"]["model-c"] = {"url": "x"}
+    config["routes"][0]["shadows"] = [{"upstream": "model-c"}]
+    body = b'{"x": 1}'
+    request = (
+        b"POST /predict HTTP/1.1\r\nHost: real.example\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"%x\r\n%s\r\n0\r\n"
+        % (len(body), body)
+        + b"Host: evil.example\r\nx-extra: 1\r\nx-modelgate-shadow: 0\r\n\r\n"
+    )
+    async with recording_upstream() as primary, recording_upstream() as shadow:
+        ports = {"model-a": primary.port, "model-c": shadow.port}
+        async with gateway_stack(config, extra_ports=ports) as stack:
+            (response,) = await send(stack.port, request)
+            for _ in range(100):
+                if shadow.requests and not stack.gateway.shadows.calls:
+                    break
+                await asyncio.sleep(0.02)
+    assert response.status == 200
+    for seen in (*primary.requests, *shadow.requests):
+        assert seen.body == body
+        assert seen.header("x-forwarded-host") == "real.example"
+        assert seen.header("x-extra") is None
+    (copy,) = shadow.requests
+    assert copy.header_all("x-modelgate-shadow") == ["1"]
