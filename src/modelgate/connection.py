@@ -115,7 +115,8 @@ class ClientConnection(asyncio.Protocol):
         self.deadline_reason = ""
         self.write_deadline = _INF
         self.host_count = 0
-        self.held: bytes | None = None  # read but not parsed while the pipeline is full
+        # Read but not parsed while the pipeline is full (a view: slicing it copies nothing).
+        self.held: memoryview | None = None
         self.upgrading: Exchange | None = None  # an Upgrade request whose body is unparsed
         self.upgrade_body: _UpgradeBody | None = None
 
@@ -144,13 +145,13 @@ class ClientConnection(asyncio.Protocol):
             return
         self._set_deadline(gateway.plan.limits.client_header_timeout_ms, "header")
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.closing:
             return
         held = self.held
         if held is not None:
             # Arrived as reading paused for a full pipeline: parsed when the pipeline drains.
-            self.held = held + data
+            self.held = memoryview(bytes(held) + data)
             return
         upgrade_body = self.upgrade_body
         if upgrade_body is not None:
@@ -210,14 +211,14 @@ class ClientConnection(asyncio.Protocol):
                 return False
         return True
 
-    def _feed_sliced(self, data: bytes) -> None:
+    def _feed_sliced(self, data: bytes | memoryview) -> None:
         """Parses a large read in slices, holding what follows a full pipeline unparsed."""
         view = memoryview(data)
         size = len(view)
         pos = 0
         while pos < size:
             if len(self.pending) >= MAX_PIPELINE:
-                self.held = bytes(view[pos:])
+                self.held = view[pos:]
                 return
             step = FEED_SLICE
             parsing = self.parsing
@@ -233,11 +234,15 @@ class ClientConnection(asyncio.Protocol):
             pos = end
 
     def _feed_held(self) -> None:
+        """Parses what was held; only once all of it is parsed does reading resume, so a
+        client that pipelines without pause is held to one read's worth of bytes."""
         data = self.held
         if data is None or self.closing:
             return
         self.held = None
         self.data_received(data)
+        if self.held is None and len(self.pending) < MAX_PIPELINE:
+            self.resume_reading_for(None, _PAUSE_PIPELINE)
 
     def eof_received(self) -> bool | None:
         # Like nginx, a client EOF with a request in flight is a client abort: the upstream
@@ -465,9 +470,10 @@ class ClientConnection(asyncio.Protocol):
             return
         exchange = self.pending.popleft()
         if self.pause_mask & _PAUSE_PIPELINE and len(self.pending) < MAX_PIPELINE // 2:
-            self.resume_reading_for(None, _PAUSE_PIPELINE)
             if self.held is not None:
                 self.gateway.loop.call_soon(self._feed_held)
+            else:
+                self.resume_reading_for(None, _PAUSE_PIPELINE)
         self.current = exchange
         exchange.start(self.gateway.plan)
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,13 +238,18 @@ class FrontDoor:
         self.bodies: dict[int, bytearray] = {}  # id(exchange) -> body bytes it parsed
         plan = compile_plan(validate_config(CONFIG))
         self.gateway = self.loop.run_until_complete(self._gateway(plan))
-        self._patch()
 
     async def _gateway(self, plan: Any) -> Gateway:
         return Gateway(plan, asyncio.get_running_loop())
 
-    def _patch(self) -> None:
+    @contextlib.contextmanager
+    def _patched(self) -> Iterator[None]:
+        """For one input only: in-memory upstream connections, and a record of what the
+        gateway started and parsed (the rest of the test session sees the real classes)."""
         harness = self
+        original_connect = UpstreamPool._connect
+        original_start = Exchange.start
+        original_feed = Exchange.feed_body
 
         async def connect(pool: UpstreamPool, sink: ResponseSink) -> None:
             conn = UpstreamConnection(pool)
@@ -254,23 +260,23 @@ class FrontDoor:
             conn.reused = False
             sink.upstream_ready(conn)
 
-        UpstreamPool._connect = connect  # type: ignore[assignment,method-assign]
-
-        original_start = Exchange.start
-
         def start(exchange: Exchange, plan: Any) -> None:
             original_start(exchange, plan)
             harness.started[exchange.request_id] = id(exchange)
-
-        Exchange.start = start  # type: ignore[method-assign,assignment]
-
-        original_feed = Exchange.feed_body
 
         def feed_body(exchange: Exchange, data: bytes) -> None:
             harness.bodies.setdefault(id(exchange), bytearray()).extend(data)
             original_feed(exchange, data)
 
+        UpstreamPool._connect = connect  # type: ignore[assignment,method-assign]
+        Exchange.start = start  # type: ignore[method-assign,assignment]
         Exchange.feed_body = feed_body  # type: ignore[method-assign,assignment]
+        try:
+            yield
+        finally:
+            UpstreamPool._connect = original_connect  # type: ignore[method-assign]
+            Exchange.start = original_start  # type: ignore[method-assign]
+            Exchange.feed_body = original_feed  # type: ignore[method-assign]
 
     def run(self, chunks: list[bytes], *, early: bool = False) -> bytes:
         self.early = early
@@ -278,7 +284,8 @@ class FrontDoor:
         self.started = {}
         self.bodies = {}
         self.errors.clear()
-        return self.loop.run_until_complete(self._run(chunks))
+        with self._patched():
+            return self.loop.run_until_complete(self._run(chunks))
 
     async def _run(self, chunks: list[bytes]) -> bytes:
         gateway = self.gateway
