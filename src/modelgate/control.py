@@ -440,6 +440,7 @@ def _route_summary(plan: Plan, counts: dict[str, CountSlice]) -> list[dict[str, 
         summary: dict[str, Any] = {
             "name": route.name,
             "path_prefix": route.spec.match.path_prefix,
+            "path_separated_prefix": route.spec.match.path_separated_prefix,
             "upstream": route.upstream,
             "experiment": None,
             "shadows": [s.upstream for s in route.spec.shadows],
