@@ -234,8 +234,9 @@ class FrontDoor:
         self.loop.set_exception_handler(lambda _, context: self.errors.append(context))
         self.upstreams: list[_Upstream] = []
         self.early = False  # upstreams answer at the head, before reading the body
-        self.started: dict[bytes, int] = {}  # request id -> id() of the exchange started
-        self.bodies: dict[int, bytearray] = {}  # id(exchange) -> body bytes it parsed
+        # Keyed by the objects, which stay alive for the input (an id() could be reused).
+        self.started: dict[bytes, Exchange] = {}  # request id -> the exchange started
+        self.bodies: dict[Exchange, bytearray] = {}  # exchange -> the body bytes it parsed
         plan = compile_plan(validate_config(CONFIG))
         self.gateway = self.loop.run_until_complete(self._gateway(plan))
 
@@ -262,10 +263,10 @@ class FrontDoor:
 
         def start(exchange: Exchange, plan: Any) -> None:
             original_start(exchange, plan)
-            harness.started[exchange.request_id] = id(exchange)
+            harness.started[exchange.request_id] = exchange
 
         def feed_body(exchange: Exchange, data: bytes) -> None:
-            harness.bodies.setdefault(id(exchange), bytearray()).extend(data)
+            harness.bodies.setdefault(exchange, bytearray()).extend(data)
             original_feed(exchange, data)
 
         UpstreamPool._connect = connect  # type: ignore[assignment,method-assign]
