@@ -28,6 +28,10 @@ from modelgate.plan import compile_plan
 from modelgate.process import attach_control
 from modelgate.server import Gateway, bind_socket
 
+# What the admin API needs on a change without a body (a body-less POST /reload reloads the
+# file): no form or no-cors fetch can send it.
+JSON_TYPE = {"Content-Type": "application/json"}
+
 P = ParamSpec("P")
 T = TypeVar("T")
 

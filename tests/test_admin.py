@@ -15,7 +15,7 @@ from modelgate.control import REDACTED
 from modelgate.mock import MockSettings
 from modelgate.server import StartupError
 
-from .support import ab_config, admin_stack, async_test
+from .support import JSON_TYPE, ab_config, admin_stack, async_test
 
 MOCKS = {"model-a": MockSettings(name="model-a"), "model-b": MockSettings(name="model-b")}
 TOKEN = "test-token-0123456789abcdef"
@@ -124,7 +124,7 @@ async def test_status_config_health_and_errors() -> None:
             async with session.delete(admin.admin_url + "/status") as response:
                 assert response.status == 405
                 assert (await response.json())["error"] == "method_not_allowed"
-            async with session.post(admin.admin_url + "/reload") as response:
+            async with session.post(admin.admin_url + "/reload", headers=JSON_TYPE) as response:
                 assert response.status == 409  # started without a config file
                 assert (await response.json())["error"] == "no_config_file"
 

@@ -125,7 +125,7 @@ async def test_a_check_must_fail_failure_limit_times_in_a_row() -> None:
 
 
 async def post(session: aiohttp.ClientSession, url: str, **body: Any) -> tuple[int, Any]:
-    async with session.post(url, json=body or None) as response:
+    async with session.post(url, json=body or {}) as response:
         return response.status, await response.json()
 
 

@@ -56,7 +56,7 @@ async def statuses(url: str) -> list[int]:
 
 
 async def switch(session: aiohttp.ClientSession, admin: str, action: str) -> dict[str, Any]:
-    async with session.post(f"{admin}/chaos/predict/fail-candidate/{action}") as response:
+    async with session.post(f"{admin}/chaos/predict/fail-candidate/{action}", json={}) as response:
         body: dict[str, Any] = await response.json()
         assert response.status == 200, body
         return body
@@ -93,7 +93,7 @@ async def test_disable_and_enable_take_effect_on_the_next_request() -> None:
             ("/chaos/nope/fail-candidate/enable", "unknown_chaos_rule"),
             ("/chaos/predict/fail-candidate/toggle", "not_found"),
         ):
-            async with session.post(admin + path) as response:
+            async with session.post(admin + path, json={}) as response:
                 error = await response.json()
                 assert response.status == 404, path
                 assert error["error"] == code and set(error) == {"error", "detail", "request_id"}

@@ -15,7 +15,7 @@ import yaml
 
 from modelgate.mock import MockSettings
 
-from .support import AdminStack, ab_config, admin_stack, async_test
+from .support import JSON_TYPE, AdminStack, ab_config, admin_stack, async_test
 from .test_proxy_routing import expected_variant
 
 MOCKS = {name: MockSettings(name=name) for name in ("model-a", "model-b", "model-c")}
@@ -272,11 +272,11 @@ async def test_weights_endpoint_and_file_state(tmp_path: Path) -> None:
                 assert response.status == 404
                 assert (await response.json())["error"] == "unknown_experiment"
             # The file was never rewritten: reloading it goes back to 90/10.
-            async with session.post(admin.admin_url + "/reload") as response:
+            async with session.post(admin.admin_url + "/reload", headers=JSON_TYPE) as response:
                 body = await response.json()
                 assert response.status == 200 and body["version"] == 4
             await check_split(session, admin.stack.url + "/predict", [90, 10], "model-b")
-            async with session.post(admin.admin_url + "/reload") as response:
+            async with session.post(admin.admin_url + "/reload", headers=JSON_TYPE) as response:
                 assert (await response.json())["result"] == "unchanged"
         assert admin.control.version == 4
 

@@ -31,7 +31,7 @@ async def served(session: aiohttp.ClientSession, admin: AdminStack) -> dict[str,
 
 
 async def post(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
-    async with session.post(url) as response:
+    async with session.post(url, json={}) as response:
         return response.status, await response.json()
 
 

@@ -1,6 +1,8 @@
 """The admin API: an aiohttp app on its own listener (never the proxy's) over the control
 plane: /status, /config, /reload, /experiments/{name}/weights, /metrics, /healthz, /readyz.
-A bearer token guards every call when one is configured; off loopback one is required.
+Only requests with a known Host and no foreign Origin get in (admin_guard); a bearer token
+guards every call when one is configured (or its file, admin_token); off loopback one is
+required; bodies and changes must say JSON or YAML.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import orjson
 from aiohttp import web
 
 from modelgate.admin_chaos import add_chaos_routes
+from modelgate.admin_guard import AdminGuard, known_hosts
 from modelgate.admin_release import add_release_api, canary_collector
 from modelgate.admin_results import add_result_routes
+from modelgate.admin_token import TOKEN_ENV, TokenFileError, load_or_create_token
 from modelgate.config import GatewayConfig
 from modelgate.control import ControlPlane, ReloadError
 from modelgate.http11 import is_valid_request_id
@@ -37,7 +41,7 @@ __all__ = [
 
 log = logging.getLogger("modelgate.admin")
 
-ADMIN_TOKEN_ENV = "MODELGATE_ADMIN_TOKEN"
+ADMIN_TOKEN_ENV = TOKEN_ENV
 MAX_BODY_BYTES = 16 * 1024 * 1024
 ADMIN_SHUTDOWN_S = 5.0  # at exit, admin calls still running get this long (the drain is over)
 
@@ -53,11 +57,28 @@ _REFUSALS = {
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CONTROL: web.AppKey[ControlPlane] = web.AppKey("control", ControlPlane)
+GUARD: web.AppKey[AdminGuard] = web.AppKey("guard", AdminGuard)
 
 
-def resolve_admin_token(config: GatewayConfig) -> str | None:
-    """MODELGATE_ADMIN_TOKEN, else the config's admin_token, else none."""
-    return os.environ.get(ADMIN_TOKEN_ENV) or config.admin_token
+def resolve_admin_token(config: GatewayConfig, token_file: str | None = None) -> str | None:
+    """MODELGATE_ADMIN_TOKEN, else the config's admin_token, else the token in `token_file`
+    (serve --admin-token-file) or the config's admin_token_file, generated there if the file
+    does not exist yet; else none."""
+    path = token_file or config.admin_token_file
+    from_env = os.environ.get(ADMIN_TOKEN_ENV)
+    if path is not None and from_env:
+        raise StartupError(
+            f"both {ADMIN_TOKEN_ENV} and an admin token file ({path}) are set: the clients "
+            "reading the file would hold the wrong token; use one of them"
+        )
+    if path is None:
+        return from_env or config.admin_token
+    try:
+        token, created = load_or_create_token(path)
+    except TokenFileError as exc:
+        raise StartupError(str(exc)) from exc
+    log.info("admin API token %s %s", "generated into" if created else "read from", path)
+    return token
 
 
 def _is_loopback(host: str) -> bool:
@@ -119,7 +140,7 @@ def _refusal(request: web.Request, control: ControlPlane, exc: ReloadError) -> w
     return _error(request, status, code, detail, errors=exc.errors, version=control.version)
 
 
-def _auth_middleware(token: str | None) -> Any:
+def _auth_middleware(token: str | None, guard: AdminGuard) -> Any:
     expected = f"Bearer {token}".encode() if token is not None else None
 
     @web.middleware
@@ -129,6 +150,7 @@ def _auth_middleware(token: str | None) -> Any:
             # compare_digest: the time taken says nothing about how much of the token matched.
             if not hmac.compare_digest(given, expected):
                 reason = "missing" if not given else "wrong"
+                guard.refused["unauthorized"] += 1
                 return _error(
                     request,
                     401,
@@ -200,7 +222,7 @@ async def _metrics(request: web.Request) -> web.Response:
         workers=workers,
         telemetry=await control.target.telemetry(),
     )
-    extra = [await canary_collector(request.app)]
+    extra = [await canary_collector(request.app), request.app[GUARD].collector(control.version)]
     body, content_type = render_metrics(snap, request.headers.get("Accept", ""), extra)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -217,9 +239,17 @@ async def _readyz(request: web.Request) -> web.Response:
     return _error(request, 503, "not_ready", why, version=control.version)
 
 
-def build_admin_app(control: ControlPlane, token: str | None) -> web.Application:
-    app = web.Application(middlewares=[_auth_middleware(token)], client_max_size=MAX_BODY_BYTES)
+def build_admin_app(control: ControlPlane, token: str | None, guard: AdminGuard) -> web.Application:
+    """Middlewares outermost first: Host and Origin (a foreign page learns nothing, not even
+    whether there is a token), the token, then the body type."""
+    middlewares = [
+        guard.origin_middleware,
+        _auth_middleware(token, guard),
+        guard.body_type_middleware,
+    ]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[CONTROL] = control
+    app[GUARD] = guard
     app.router.add_get("/status", _status)
     app.router.add_get("/config", _config)
     app.router.add_post("/reload", _reload)
@@ -237,8 +267,12 @@ async def start_admin(
     control: ControlPlane, sock: socket.socket, token: str | None
 ) -> web.AppRunner:
     """Serves the admin API on an already bound socket; the caller cleans the runner up."""
+    host, port = sock.getsockname()[:2]
+    config = control.config
+    hosts = known_hosts((host, port), config.admin_address[0], config.admin_hosts)
+    any_address = host in ("0.0.0.0", "::")
     runner = web.AppRunner(
-        build_admin_app(control, token),
+        build_admin_app(control, token, AdminGuard(hosts, port, any_address)),
         access_log=None,
         handle_signals=False,
         shutdown_timeout=ADMIN_SHUTDOWN_S,
@@ -246,7 +280,6 @@ async def start_admin(
     await runner.setup()
     site = web.SockSite(runner, sock)
     await site.start()
-    host, port = sock.getsockname()[:2]
     control.admin_address = (host, port)
     log.info("admin API on http://%s:%d%s", host, port, " (bearer token required)" if token else "")
     return runner

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import urllib.error
 import urllib.request
@@ -16,6 +15,7 @@ from typing import Any
 __all__ = ["AnalyzeError", "configure_parser", "format_results", "results_from_admin"]
 
 TOKEN_ENV = "MODELGATE_ADMIN_TOKEN"
+TOKEN_FILE_ENV = "MODELGATE_ADMIN_TOKEN_FILE"
 
 
 class AnalyzeError(Exception):
@@ -36,7 +36,7 @@ def results_from_admin(url: str, experiment: str | None, token: str | None) -> l
             detail = json.loads(exc.read()).get("detail", exc.reason)
         except ValueError:
             detail = exc.reason
-        hint = f" (give --token or set {TOKEN_ENV})" if exc.code == 401 else ""
+        hint = f" (give --token or --token-file, or set {TOKEN_ENV})" if exc.code == 401 else ""
         raise AnalyzeError(f"{url}{path}: {exc.code} {detail}{hint}") from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -185,7 +185,12 @@ def run(ns: argparse.Namespace) -> int:
     timelines: dict[str, dict[str, Any]] | None = None
     try:
         if ns.admin is not None:
-            token = ns.token or os.environ.get(TOKEN_ENV)
+            from modelgate.admin_token import TokenFileError, client_token
+
+            try:
+                token = client_token(ns.token, ns.token_file)
+            except TokenFileError as exc:
+                raise AnalyzeError(str(exc)) from exc
             results = results_from_admin(ns.admin, ns.experiment, token)
             source = f"live results from {ns.admin}"
             if ns.logs is not None:  # plots over time from the files
@@ -220,6 +225,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logs", metavar="DIR", help="a log_dir with exposure and feedback files")
     parser.add_argument("--experiment", metavar="NAME", help="one experiment (default: all)")
     parser.add_argument("--token", help=f"the admin API's bearer token (default: ${TOKEN_ENV})")
+    parser.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help=f"read the bearer token from PATH (default: ${TOKEN_FILE_ENV})",
+    )
     parser.add_argument(
         "--config", metavar="FILE", help="with --logs: take the experiments' design from here"
     )

@@ -1,6 +1,7 @@
 """`modelgate canary`: a canary controller outside the gateways, for a fleet behind a load
 balancer. It reads the fleet's numbers from Prometheus and applies each step to every gateway
-through its admin API (PUT /experiments/{name}/weights, bearer token when one is set).
+through its admin API (PUT /experiments/{name}/weights, with the bearer token from the
+environment, the config or a token file when there is one).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from modelgate.admin_token import TOKEN_ENV, TOKEN_FILE_ENV, TokenFileError, client_token
 from modelgate.canary import Canary, CanaryError, poll_interval
 from modelgate.canary_judge import ExperimentView, experiment_view
 from modelgate.canary_sources import PrometheusSource
@@ -26,7 +28,6 @@ __all__ = ["EXIT_CODES", "GatewaysTarget", "configure_parser", "run_from_args", 
 log = logging.getLogger("modelgate.canary")
 
 ADMIN_TIMEOUT_S = 10.0
-TOKEN_ENV = "MODELGATE_ADMIN_TOKEN"
 # The process's exit code says how the canary ended (1: it could not run).
 EXIT_CODES = {"promoted": 0, "rolled_back": 3, "inconclusive": 4, "paused": 5}
 
@@ -132,6 +133,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="the Prometheus server scraping the gateways (default: canary.prometheus_url)",
     )
+    parser.add_argument(
+        "--token-file",
+        metavar="PATH",
+        default=None,
+        help=f"read the admin bearer token from PATH (default: ${TOKEN_ENV}, the config's "
+        f"admin_token, ${TOKEN_FILE_ENV}, the config's admin_token_file)",
+    )
     parser.set_defaults(func=run_from_args)
 
 
@@ -159,7 +167,12 @@ def run_from_args(ns: argparse.Namespace) -> int:
     if problem is not None or view is None or view.canary is None or prometheus is None:
         print(f"modelgate canary: {problem}", file=sys.stderr)
         return 1
-    token = os.environ.get(TOKEN_ENV) or config.admin_token
+    try:
+        token = os.environ.get(TOKEN_ENV) or config.admin_token
+        token = token or client_token(None, ns.token_file, config.admin_token_file)
+    except TokenFileError as exc:
+        print(f"modelgate canary: {exc}", file=sys.stderr)
+        return 1
     try:
         canary = asyncio.run(run_remote(view.canary, ns.experiment, ns.gateway, prometheus, token))
     except CanaryError as exc:

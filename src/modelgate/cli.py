@@ -40,8 +40,10 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     workers = ns.workers if ns.workers is not None else config.workers
     try:
         if workers > 1:
-            return serve_workers(config, path, workers, watch=ns.watch)
-        return serve(config, path, watch=ns.watch)
+            return serve_workers(
+                config, path, workers, watch=ns.watch, token_file=ns.admin_token_file
+            )
+        return serve(config, path, watch=ns.watch, token_file=ns.admin_token_file)
     except StartupError as exc:
         print(f"modelgate: {exc}", file=sys.stderr)
         return 1
@@ -116,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch",
         action="store_true",
         help="reload when the config file changes (as SIGHUP does)",
+    )
+    serve.add_argument(
+        "--admin-token-file",
+        metavar="PATH",
+        default=None,
+        help="require the admin API's bearer token from PATH, generated there (mode 0600) if "
+        "the file does not exist (as admin_token_file in the config)",
     )
     serve.set_defaults(func=_cmd_serve)
 

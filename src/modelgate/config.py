@@ -80,6 +80,12 @@ def _lowercase_header_names(value: dict[str, str]) -> dict[str, str]:
     return {name.lower(): v for name, v in value.items()}
 
 
+# A Host header's value: a DNS name or IPv4 address, or a bracketed IPv6 one, maybe a port.
+_ADMIN_HOST = re.compile(
+    r"([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?"
+)
+
+
 def parse_hostport(value: str) -> tuple[str, int]:
     """`127.0.0.1:8080`, `[::1]:8080` or `localhost:8080` -> (host, port)."""
     host, sep, port_text = value.rpartition(":")
@@ -645,7 +651,7 @@ class ForceSpec(_Strict):
 
 # Settings a running gateway cannot change: its sockets and its processes. A reload that
 # changes one is refused whole, so a config is never half applied.
-RESTART_ONLY_KEYS = ("listen", "admin", "admin_token", "workers")
+RESTART_ONLY_KEYS = ("listen", "admin", "admin_token", "admin_token_file", "admin_hosts", "workers")
 
 
 class FeedbackSpec(_Strict):
@@ -676,6 +682,11 @@ class GatewayConfig(_Strict):
     admin: str = "127.0.0.1:8081"
     # Bearer token for the admin API; MODELGATE_ADMIN_TOKEN in the environment overrides it.
     admin_token: str | None = None
+    # A file holding the token, generated (mode 0600) at start when it does not exist.
+    admin_token_file: str | None = None
+    # Host names the admin API is reached by besides its address (behind a proxy, a DNS
+    # name): `name` (also matched with the admin's port) or `name:port`.
+    admin_hosts: list[str] = Field(default_factory=list)
     workers: int = Field(1, ge=1, le=256)
     log_dir: str = "./modelgate-logs"
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
@@ -701,6 +712,31 @@ class GatewayConfig(_Strict):
                 f"got {len(value)} characters"
             )
         return value
+
+    @field_validator("admin_token_file")
+    @classmethod
+    def _token_file(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must be a file path, got an empty string")
+        return value
+
+    @field_validator("admin_hosts")
+    @classmethod
+    def _admin_hosts(cls, value: list[str]) -> list[str]:
+        for i, entry in enumerate(value):
+            if not _ADMIN_HOST.fullmatch(entry):
+                raise ValueError(
+                    f"[{i}]: expected a host name or address, optionally with :PORT, as a Host "
+                    f"header carries it (admin.example.internal, 10.0.0.5:8081, [::1]:8081), "
+                    f"got {entry!r}"
+                )
+        return [entry.lower() for entry in value]
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> GatewayConfig:
+        if self.admin_token is not None and self.admin_token_file is not None:
+            raise ValueError("admin_token and admin_token_file: give one of them, not both")
+        return self
 
     @property
     def listen_address(self) -> tuple[str, int]:

@@ -240,10 +240,17 @@ async def _run(
     return await supervise(control, admin, drain, watch=watch)
 
 
-def serve(config: GatewayConfig, config_path: Path | None = None, *, watch: bool = False) -> int:
+def serve(
+    config: GatewayConfig,
+    config_path: Path | None = None,
+    *,
+    watch: bool = False,
+    token_file: str | None = None,
+) -> int:
     """Runs one gateway process until a stop signal; returns its exit code. Raises
-    StartupError (port taken, admin exposed without a token) before serving anything."""
-    token = resolve_admin_token(config)
+    StartupError (port taken, admin exposed without a token, bad token file) before serving
+    anything."""
+    token = resolve_admin_token(config, token_file)
     check_admin_exposure(config, token)
     host, port = config.listen_address
     sock = bind_socket(host, port, reuse_port=False)

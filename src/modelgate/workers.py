@@ -356,11 +356,17 @@ async def _parent_main(
 
 
 def serve_workers(
-    config: GatewayConfig, config_path: Path | None, workers: int, *, watch: bool = False
+    config: GatewayConfig,
+    config_path: Path | None,
+    workers: int,
+    *,
+    watch: bool = False,
+    token_file: str | None = None,
 ) -> int:
     """N worker processes on one port (SO_REUSEPORT: the kernel balances connections) and a
-    parent that serves the admin API and sends every reload to every worker."""
-    token = resolve_admin_token(config)
+    parent that serves the admin API (and alone reads or generates its token file) and sends
+    every reload to every worker."""
+    token = resolve_admin_token(config, token_file)
     check_admin_exposure(config, token)
     host, port = config.listen_address
     # Bound, not listening: it fails fast on a taken port but takes no connections itself.
