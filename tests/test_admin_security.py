@@ -14,8 +14,11 @@ from typing import Any
 import orjson
 import pytest
 import yaml
+from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 
 from modelgate.admin import resolve_admin_token
+from modelgate.admin_guard import AdminGuard, known_hosts
 from modelgate.config import ConfigError, validate_config
 from modelgate.mock import MockSettings
 
@@ -304,3 +307,31 @@ async def test_the_generated_token_is_required_on_loopback(tmp_path: Path) -> No
             admin.admin_port, f"{host}\nAuthorization: Bearer {path.read_text().strip()}"
         )
         assert status == 200 and body["admin_token_file"] == str(path)
+
+
+def host_refused(guard: AdminGuard, *hosts: str) -> bool:
+    headers = CIMultiDict(("Host", h) for h in hosts)
+    return guard._host_problem(make_mocked_request("GET", "/config", headers=headers)) is not None
+
+
+def test_which_hosts_each_binding_is_known_by() -> None:
+    loopback = AdminGuard(known_hosts(("127.0.0.1", 8081), "127.0.0.1", []), 8081, False)
+    for host in ("127.0.0.1:8081", "localhost:8081", "[::1]:8081"):
+        assert not host_refused(loopback, host), host
+    for hosts in (
+        ("10.0.0.5:8081",),
+        ("localhost",),
+        ("127.0.0.1:8081", "127.0.0.1:8081"),  # two Host headers
+        ("evil.example:8081",),
+    ):
+        assert host_refused(loopback, *hosts), hosts
+    names = known_hosts(("0.0.0.0", 8081), "0.0.0.0", ["gw-1.internal"])
+    wildcard = AdminGuard(names, 8081, True)
+    for host in ("10.0.0.5:8081", "[2001:db8::5]:8081", "localhost:8081", "gw-1.internal"):
+        assert not host_refused(wildcard, host), host
+    for host in ("10.0.0.5:9999", "10.0.0.5", "gw-2.internal:8081", "[2001:db8::5]"):
+        assert host_refused(wildcard, host), host
+    public = AdminGuard(known_hosts(("10.0.0.5", 8081), "10.0.0.5", []), 8081, False)
+    assert not host_refused(public, "10.0.0.5:8081")
+    for host in ("10.0.0.6:8081", "localhost:8081", "127.0.0.1:8081"):
+        assert host_refused(public, host), host
