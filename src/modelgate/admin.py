@@ -1,8 +1,8 @@
 """The admin API: an aiohttp app on its own listener (never the proxy's) over the control
 plane: /status, /config, /reload, /experiments/{name}/weights, /metrics, /healthz, /readyz.
 Only requests with a known Host and no foreign Origin get in (admin_guard); a bearer token
-guards every call when one is configured (or its file, admin_token); off loopback one is
-required; bodies and changes must say JSON or YAML.
+(admin_token, its variable, or admin_token_file) guards every call when one is set, and off
+loopback one is required; bodies and changes must say JSON or YAML.
 """
 
 from __future__ import annotations
@@ -150,13 +150,9 @@ def _auth_middleware(token: str | None, guard: AdminGuard) -> Any:
             # compare_digest: the time taken says nothing about how much of the token matched.
             if not hmac.compare_digest(given, expected):
                 reason = "missing" if not given else "wrong"
-                guard.refused["unauthorized"] += 1
-                return _error(
-                    request,
-                    401,
-                    "unauthorized",
-                    f"{reason} bearer token (Authorization: Bearer ...)",
-                )
+                detail = f"{reason} bearer token (Authorization: Bearer ...)"
+                guard.note(request, "unauthorized", detail)
+                return _error(request, 401, "unauthorized", detail)
         try:
             return await handler(request)
         except web.HTTPException as exc:

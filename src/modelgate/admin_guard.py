@@ -90,14 +90,18 @@ class AdminGuard:
         self.any_address = any_address
         self.refused: Counter[str] = Counter()
 
-    def _refuse(
-        self, request: web.Request, status: int, code: str, detail: str
-    ) -> web.StreamResponse:
+    def note(self, request: web.Request, code: str, detail: str) -> None:
+        """Counts and logs a refusal (the token check's too): never silent."""
         self.refused[code] += 1
         peer = request.remote or "?"
         log.warning(
             "admin API refused %s %s from %s: %s", request.method, request.path, peer, detail
         )
+
+    def _refuse(
+        self, request: web.Request, status: int, code: str, detail: str
+    ) -> web.StreamResponse:
+        self.note(request, code, detail)
         return json_error(request, status, code, detail)
 
     def _host_problem(self, request: web.Request) -> str | None:
