@@ -15,7 +15,7 @@ from modelgate.exposure import ExposureLog, read_exposures
 from modelgate.logfiles import ThrottledLog
 from modelgate.logretention import Retention, enforce_retention
 
-from .test_recordlog import add, written
+from .test_recordlog import add, wait_for, written
 
 
 def test_record_files_and_sidecars_are_owner_only(tmp_path: Path) -> None:
@@ -79,3 +79,12 @@ def test_no_more_warnings_than_one_per_interval(caplog: pytest.LogCaptureFixture
     for _ in range(1000):
         throttled.warning("k", "disk full")
     assert caplog.text.count("disk full") == 1
+
+
+def test_a_writer_that_does_not_rotate_still_ages_files_out(tmp_path: Path) -> None:
+    stale = group(tmp_path, f"exposure-r0-p{os.getpid()}-0009", 100, 7200)
+    log = ExposureLog(tmp_path, flush_interval_s=0.01, retention=Retention(max_age_s=3600))
+    log.start()
+    wait_for(lambda: not Path(f"{stale}.bin").exists(), "the periodic retention pass")
+    log.close()
+    assert not Path(f"{stale}.json").exists()

@@ -49,7 +49,7 @@ from modelgate.config import CompareSpec
 from modelgate.core import xxh64
 from modelgate.diff import Answer, AnswerLike, Comparison, Verdict, compare
 from modelgate.logfiles import ThrottledLog, make_log_dir, open_append, write_all, write_atomic
-from modelgate.logretention import Retention, enforce_retention
+from modelgate.logretention import RETAIN_EVERY_S, Retention, retain
 
 __all__ = [
     "DIFF_DTYPE",
@@ -327,6 +327,7 @@ class DiffLogWriter:
         self._pay_fd: int | None = None
         self._bin_size = self._pay_size = 0
         self._retry_at = 0.0
+        self._retain_at = 0.0
         self._rows: list[tuple[Any, ...]] = []
         self._payloads: list[tuple[int, bytes]] = []  # (index in _rows, JSON line)
         self._oldest = 0.0
@@ -428,6 +429,8 @@ class DiffLogWriter:
                 if not n:
                     if self._stop.is_set():
                         break
+                    if time.monotonic() >= self._retain_at:
+                        self._retain()
                     self._stop.wait(_POLL_S)
             except Exception as exc:  # never die: a bug here must not stop the diff log
                 self._error("internal", exc)
@@ -568,17 +571,8 @@ class DiffLogWriter:
         return True
 
     def _retain(self) -> None:
-        if not self.retention.active:
-            return
-        try:
-            deleted, freed = enforce_retention(
-                self.log_dir, "difflog", self.retention, keep=[self._base]
-            )
-        except OSError as exc:
-            self._warn.warning("retention", "diff log: retention: %s", exc)
-            return
-        if deleted:
-            log.info("diff log: retention deleted %d files (%d bytes)", deleted, freed)
+        self._retain_at = time.monotonic() + RETAIN_EVERY_S
+        retain(self.log_dir, "difflog", self.retention, self._base)
 
     def _write_sidecar(self) -> None:
         names = self._names

@@ -12,6 +12,7 @@ toward the size but are left to that worker.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -20,8 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelgate.config import RetentionSpec
+from modelgate.logfiles import ThrottledLog
 
-__all__ = ["Retention", "enforce_retention", "retention_of"]
+__all__ = ["RETAIN_EVERY_S", "Retention", "enforce_retention", "retain", "retention_of"]
+
+RETAIN_EVERY_S = 60.0  # besides each new file: a writer that rarely rotates still ages out
+log = logging.getLogger("modelgate.logretention")
+_warn = ThrottledLog(log)
 
 _SUFFIXES = (".payloads.jsonl", ".json.tmp", ".json", ".bin")
 _PID = re.compile(r"-p(\d+)-\d+$")
@@ -132,3 +138,17 @@ def enforce_retention(
         freed += group.size
         total -= group.size
     return deleted, freed
+
+
+def retain(log_dir: Path, prefix: str, retention: Retention, open_base: str) -> None:
+    """enforce_retention for a writer thread: logs what it deleted; a failure is a
+    (throttled) warning, never an exception, since retention must not stop the writing."""
+    if not retention.active:
+        return
+    try:
+        deleted, freed = enforce_retention(log_dir, prefix, retention, keep=[open_base])
+    except OSError as exc:
+        _warn.warning(prefix, "%s log: retention in %s: %s", prefix, log_dir, exc)
+        return
+    if deleted:
+        log.info("%s log: retention deleted %d files (%d bytes)", prefix, deleted, freed)

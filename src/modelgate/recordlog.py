@@ -29,7 +29,7 @@ from modelgate.logfiles import (
     write_all,
     write_atomic,
 )
-from modelgate.logretention import Retention, enforce_retention
+from modelgate.logretention import RETAIN_EVERY_S, Retention, retain
 from modelgate.recordfiles import iter_record_files
 
 __all__ = ["RecordLog", "iter_record_files"]
@@ -90,6 +90,7 @@ class RecordLog:
         self._fd: int | None = None
         self._base = ""
         self._sidecar_state: tuple[Any, ...] = ()
+        self._retain_at = 0.0
         self._warn = ThrottledLog(log)
         self.written = 0
         self.write_errors = 0
@@ -159,6 +160,8 @@ class RecordLog:
         """A bug here must not end the thread: the batch is dropped, counted and logged."""
         try:
             self._flush()
+            if time.monotonic() >= self._retain_at:
+                self._retain()
         except Exception as exc:
             self.write_errors += 1
             self.last_error = f"internal: {exc!r}"
@@ -277,17 +280,8 @@ class RecordLog:
         self._retain()
 
     def _retain(self) -> None:
-        if not self.retention.active:
-            return
-        try:
-            deleted, freed = enforce_retention(
-                self.log_dir, self.prefix, self.retention, keep=[self._base]
-            )
-        except OSError as exc:
-            self._warn.warning("retention", "%s log: retention: %s", self.prefix, exc)
-            return
-        if deleted:
-            log.info("%s log: retention deleted %d files (%d bytes)", self.prefix, deleted, freed)
+        self._retain_at = time.monotonic() + RETAIN_EVERY_S
+        retain(self.log_dir, self.prefix, self.retention, self._base)
 
     def _write_sidecar(self) -> None:
         document = dict(self._tables, dtype=self.dtype.descr, format=self.prefix, meta=self.meta)
