@@ -155,11 +155,11 @@ def test_a_bug_in_the_writer_is_counted_and_the_thread_lives_on(
     real = log._encode
     calls = {"n": 0}
 
-    def broken_once(rows: list[tuple[object, ...]]) -> np.ndarray:
+    def broken_once(columns: list[tuple[object, ...]]) -> np.ndarray:
         calls["n"] += 1
         if calls["n"] == 1:
             raise OverflowError("a bug")
-        return real(rows)
+        return real(columns)
 
     monkeypatch.setattr(log, "_encode", broken_once)
     log.start()

@@ -171,18 +171,17 @@ class RecordLog:
         self._tables = {table: [] for table in self.named.values()}
         self._ids = {table: {} for table in self.named.values()}
 
-    def _fits(self, rows: list[tuple[Any, ...]]) -> int:
+    def _fits(self, rows: list[tuple[Any, ...]], columns: list[tuple[Any, ...]]) -> int:
         """How many of `rows` (from the first) the names tables can still take."""
-        columns = [(self.fields.index(f), t) for f, t in self.named.items()]
-        if all(  # the usual case, column by column: every new name fits
-            len(self._tables[t]) + len({row[i] for row in rows} - self._ids[t].keys())
-            <= self.capacity[t]
-            for i, t in columns
+        named = [(self.fields.index(f), t) for f, t in self.named.items()]
+        if all(  # the usual case, column by column in C: every new name fits
+            len(self._tables[t]) + len(set(columns[i]) - self._ids[t].keys()) <= self.capacity[t]
+            for i, t in named
         ):
             return len(rows)
-        fresh: dict[str, set[str]] = {table: set() for _, table in columns}
+        fresh: dict[str, set[str]] = {table: set() for _, table in named}
         for count, row in enumerate(rows):
-            for index, table in columns:
+            for index, table in named:
                 name = row[index]
                 if name in self._ids[table] or name in fresh[table]:
                     continue
@@ -191,10 +190,10 @@ class RecordLog:
                 fresh[table].add(name)
         return len(rows)
 
-    def _encode(self, rows: list[tuple[Any, ...]]) -> np.ndarray:
-        records = np.zeros(len(rows), dtype=self.dtype)
-        # zip(*rows) transposes in C; names are mapped once per distinct value, not per row.
-        for name, column in zip(self.fields, zip(*rows, strict=True), strict=True):
+    def _encode(self, columns: list[tuple[Any, ...]]) -> np.ndarray:
+        records = np.zeros(len(columns[0]), dtype=self.dtype)
+        # Names are mapped once per distinct value, not per row.
+        for name, column in zip(self.fields, columns, strict=True):
             table = self.named.get(name)
             if table:
                 ids = {value: self._id(table, value) for value in dict.fromkeys(column)}
@@ -219,14 +218,18 @@ class RecordLog:
         popleft = queue.popleft
         rows = [popleft() for _ in range(count)]
         while rows:
-            fits = self._fits(rows)
+            columns = list(zip(*rows, strict=True))  # transposed in C
+            fits = self._fits(rows, columns)
             if fits == 0:  # a table is full: a new file, whose sidecar starts empty tables
                 self._close_file()
                 self._fresh_tables()
                 log.info("%s log: a names table is full; starting a new file", self.prefix)
                 continue
-            batch, rows = rows[:fits], rows[fits:]
-            self._write_batch(self._encode(batch))
+            if fits < len(rows):
+                rows, columns = rows[fits:], list(zip(*rows[:fits], strict=True))
+            else:
+                rows = []
+            self._write_batch(self._encode(columns))
 
     def _write_batch(self, records: np.ndarray) -> None:
         try:
