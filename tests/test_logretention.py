@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from modelgate.exposure import ExposureLog, read_exposures
-from modelgate.logfiles import ThrottledLog
+from modelgate.logfiles import ThrottledLog, open_append, write_atomic
 from modelgate.logretention import Retention, enforce_retention
 
 from .test_recordlog import add, wait_for, written
@@ -88,3 +88,16 @@ def test_a_writer_that_does_not_rotate_still_ages_files_out(tmp_path: Path) -> N
     wait_for(lambda: not Path(f"{stale}.bin").exists(), "the periodic retention pass")
     log.close()
     assert not Path(f"{stale}.json").exists()
+
+
+def test_a_planted_symlink_is_never_written_through(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    target = tmp_path / "log.json"
+    (tmp_path / "log.json.tmp").symlink_to(victim)
+    write_atomic(str(target), b"{}")
+    assert victim.read_text() == "precious" and target.read_bytes() == b"{}"
+    (tmp_path / "log.bin").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        open_append(str(tmp_path / "log.bin"))
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600

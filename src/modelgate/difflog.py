@@ -426,11 +426,11 @@ class DiffLogWriter:
                     time.sleep(0)  # hand the GIL to the event loop between batches
                 if self._rows and time.monotonic() - self._oldest >= self.flush_interval_s:
                     self._flush()
+                if time.monotonic() >= self._retain_at:
+                    self._retain()
                 if not n:
-                    if self._stop.is_set():
+                    if self._stop.is_set() and not queue:  # nothing came in meanwhile
                         break
-                    if time.monotonic() >= self._retain_at:
-                        self._retain()
                     self._stop.wait(_POLL_S)
             except Exception as exc:  # never die: a bug here must not stop the diff log
                 self._error("internal", exc)
@@ -593,7 +593,7 @@ class DiffLogWriter:
         """Payload lines for a piece of records; a failure costs the payloads, not records."""
         try:
             if self._pay_fd is None:
-                self._pay_fd = open_append(self._base + ".payloads.jsonl", exclusive=False)
+                self._pay_fd = open_append(self._base + ".payloads.jsonl")
                 self._pay_size = os.fstat(self._pay_fd).st_size
             offsets, offset = [], self._pay_size
             for _, line in lines:

@@ -42,16 +42,21 @@ def make_log_dir(path: Path) -> None:
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
 
 
-def open_append(path: str, *, exclusive: bool = True) -> int:
-    """A new owner-only file opened for appending (O_EXCL: never someone else's file)."""
-    return os.open(path, _APPEND | (os.O_EXCL if exclusive else 0), FILE_MODE)
+def open_append(path: str) -> int:
+    """A new owner-only file opened for appending (O_EXCL: never someone else's file, never
+    through a symlink); FileExistsError when the name is taken."""
+    return os.open(path, _APPEND | os.O_EXCL, FILE_MODE)
 
 
 def write_atomic(path: str, data: bytes) -> None:
     """Replaces `path` by `data` at once (temp file + rename): a reader, or a writer killed
     half-way, never leaves half a file; on failure the old content stays and this raises."""
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.unlink(tmp)  # a stale one, left by a killed writer (or planted: never followed)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     try:
         try:
             write_all(fd, data)
