@@ -148,3 +148,19 @@ def test_retention_bounds_the_diff_log_on_rotation(tmp_path: Path) -> None:
     # what is left is the newest, in order, ending with the last pair
     ids = [int(r[4:]) for r in records["request_id"].astype(str)]
     assert ids == list(range(ids[0], 500))
+
+
+def test_a_reload_applies_new_log_bounds_to_the_running_diff_writer(tmp_path: Path) -> None:
+    from modelgate.logretention import Retention
+    from modelgate.shadow import ShadowDispatcher
+
+    config = simple_config()
+    config["log_dir"] = str(tmp_path)
+    dispatcher = ShadowDispatcher()
+    dispatcher.sync(compile_plan(validate_config(config), 1))
+    dispatcher.writer = writer = DiffLogWriter(tmp_path)  # as the first pair opens it
+    assert writer.queue_max_bytes == 64 << 20 and not writer.retention.active
+    config["logs"] = {"diff_queue_max_bytes": 1 << 20, "retention": {"max_age_h": 1}}
+    dispatcher.sync(compile_plan(validate_config(config), 2))
+    assert writer.queue_max_bytes == 1 << 20
+    assert writer.retention == Retention(None, 3600.0)

@@ -101,3 +101,27 @@ def test_a_planted_symlink_is_never_written_through(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         open_append(str(tmp_path / "log.bin"))
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_log_settings_that_make_no_sense_are_refused_by_key() -> None:
+    from modelgate.config import ConfigError, validate_config
+    from modelgate.logretention import retention_of
+
+    from .support import simple_config
+
+    config = simple_config()
+    config["logs"] = {
+        "retention": {"max_bytes": 4096, "max_age_h": 0, "max_files": 3},
+        "diff_queue_max_bytes": 10,
+    }
+    with pytest.raises(ConfigError) as caught:
+        validate_config(config)
+    errors = "\n".join(caught.value.errors)
+    assert "logs.retention.max_bytes: Input should be greater than or equal to 1048576" in errors
+    assert "logs.retention.max_age_h: Input should be greater than 0" in errors
+    assert "logs.retention.max_files: unknown key" in errors
+    assert "logs.diff_queue_max_bytes: Input should be greater than or equal to 65536" in errors
+    config["logs"] = {"retention": {"max_bytes": 1 << 30, "max_age_h": 48}}
+    spec = validate_config(config).logs
+    assert retention_of(spec.retention) == Retention(1 << 30, 48 * 3600.0)
+    assert spec.diff_queue_max_bytes == 64 << 20
