@@ -164,3 +164,19 @@ def test_a_reload_applies_new_log_bounds_to_the_running_diff_writer(tmp_path: Pa
     dispatcher.sync(compile_plan(validate_config(config), 2))
     assert writer.queue_max_bytes == 1 << 20
     assert writer.retention == Retention(None, 3600.0)
+
+
+def test_a_directory_read_skips_a_file_without_its_sidecar_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write(tmp_path, [job(i) for i in range(5)])
+    write(tmp_path, [job(i) for i in range(5, 8)])
+    first, second = sorted(tmp_path.glob("difflog-*.bin"))
+    first.with_suffix(".json").unlink()  # a crash, or a sidecar deleted by hand
+    with open(second, "ab") as f:
+        f.write(b"\x07" * 9)  # a torn last record
+    with caplog.at_level(logging.WARNING):
+        records, _ = read_difflog(tmp_path)
+    assert records["request_id"].tolist() == [b"req-5", b"req-6", b"req-7"]
+    assert f"{first}: not a modelgate diff log (no sidecar" in caplog.text
+    assert f"{second}: ignored a torn last record (9 bytes" in caplog.text
