@@ -168,6 +168,7 @@ def test_a_bug_in_the_writer_is_counted_and_the_thread_lives_on(
     add(log, 5, 10)
     wait_for(lambda: log.written == 5, "the next batch")
     assert log.stats()["alive"] and "a bug" in log.stats()["last_error"]
+    assert log.dropped == {"internal_error": 5}
     log.close()
 
 

@@ -217,6 +217,16 @@ class RecordLog:
             return
         popleft = queue.popleft
         rows = [popleft() for _ in range(count)]
+        done = self.written + self.dropped["write_error"]
+        try:
+            self._write_rows(rows)
+        except Exception:  # a bug: what this batch did not write is lost, and counted
+            self.dropped["internal_error"] += count - (
+                self.written + self.dropped["write_error"] - done
+            )
+            raise
+
+    def _write_rows(self, rows: list[tuple[Any, ...]]) -> None:
         while rows:
             columns = list(zip(*rows, strict=True))  # transposed in C
             fits = self._fits(rows, columns)
