@@ -8,14 +8,15 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from scipy import stats as sps  # type: ignore[import-untyped]
 
-from modelgate.exposure import EXPOSURE_DTYPE, FLAG_ENROLLED
-from modelgate.feedbacklog import FEEDBACK_DTYPE, FLAG_BY_REQUEST_ID
+from modelgate.exposure import EXPOSURE_DTYPE, EXPOSURE_NAMES, FLAG_ENROLLED
+from modelgate.feedbacklog import FEEDBACK_DTYPE, FEEDBACK_NAMES, FLAG_BY_REQUEST_ID
 from modelgate.feedbacklog import FLAG_ENROLLED as FEEDBACK_ENROLLED
 from modelgate.recordlog import iter_record_files
 
@@ -35,12 +36,12 @@ class LogData:
 
 
 def _columns(
-    path: str | os.PathLike[str], prefix: str, dtype: np.dtype[Any], tables: dict[str, str]
+    path: str | os.PathLike[str], prefix: str, dtype: np.dtype[Any], tables: Mapping[str, str]
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
     """Every file's records as columns, the id fields replaced by their names."""
     parts: dict[str, list[np.ndarray]] = {}
     designs: dict[str, dict[str, Any]] = {}
-    for _, data, sidecar in iter_record_files(path, prefix, dtype):
+    for _, data, sidecar in iter_record_files(path, prefix, dtype, tables):
         designs.update(sidecar.get("meta", {}).get("experiments", {}))
         for name in dtype.names or ():
             if name.startswith("pad"):
@@ -61,9 +62,8 @@ def load_logs(path: str | os.PathLike[str]) -> LogData:
     first enrolled exposure in that experiment (feedback by unit). A record that joins no
     exposure keeps the variant the gateway attributed when it accepted it. Without a change
     of weights or salt in between, this is exactly what the live results counted."""
-    names = {"experiment_id": "experiments", "variant_id": "variants"}
-    exposures, designs = _columns(path, "exposure", EXPOSURE_DTYPE, names)
-    feedback, _ = _columns(path, "feedback", FEEDBACK_DTYPE, {**names, "metric_id": "metrics"})
+    exposures, designs = _columns(path, "exposure", EXPOSURE_DTYPE, EXPOSURE_NAMES)
+    feedback, _ = _columns(path, "feedback", FEEDBACK_DTYPE, FEEDBACK_NAMES)
     data = LogData(designs, exposures, feedback)
     if not feedback:
         return data

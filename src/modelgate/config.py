@@ -677,6 +677,24 @@ class ExposureSpec(_Strict):
     enabled: bool = True
 
 
+class RetentionSpec(_Strict):
+    """Per log (exposure, feedback, difflog): the oldest closed files are deleted when the
+    log's files in log_dir pass `max_bytes` in total, and when older than `max_age_h`.
+    Applied by each writer when it opens a new file; unset: kept forever."""
+
+    max_bytes: int | None = Field(None, ge=1 << 20)
+    max_age_h: float | None = Field(None, gt=0)
+
+
+class LogsSpec(_Strict):
+    """Bounds on the log files and the diff log's queue."""
+
+    retention: RetentionSpec = Field(default_factory=RetentionSpec)
+    # The shadow pairs waiting to be compared and logged hold three bodies each: the queue
+    # is capped by those bytes (pairs over it are dropped, counted as dropped_queue_bytes).
+    diff_queue_max_bytes: int = Field(64 << 20, ge=1 << 16)
+
+
 class GatewayConfig(_Strict):
     listen: str = "127.0.0.1:8080"
     admin: str = "127.0.0.1:8081"
@@ -694,6 +712,7 @@ class GatewayConfig(_Strict):
     chaos: ChaosSettings = Field(default_factory=ChaosSettings)
     feedback: FeedbackSpec = Field(default_factory=FeedbackSpec)
     exposures: ExposureSpec = Field(default_factory=ExposureSpec)
+    logs: LogsSpec = Field(default_factory=LogsSpec)
     upstreams: dict[Name, UpstreamSpec] = Field(min_length=1)
     routes: list[RouteSpec] = Field(min_length=1)
 

@@ -48,6 +48,8 @@ import orjson
 from modelgate.config import CompareSpec
 from modelgate.core import xxh64
 from modelgate.diff import Answer, AnswerLike, Comparison, Verdict, compare
+from modelgate.logfiles import ThrottledLog, make_log_dir, open_append, write_all, write_atomic
+from modelgate.logretention import RETAIN_EVERY_S, Retention, retain
 
 __all__ = [
     "DIFF_DTYPE",
@@ -105,6 +107,19 @@ _DEFAULT_PAYLOAD_VERDICTS: Final = frozenset(
 _VALUE_CAP: Final = 1024  # bytes of JSON per difference value kept in a payload
 _POLL_S: Final = 0.01  # an idle writer looks at its queue this often; submit never signals
 _NAME_LIMITS: Final = {"routes": 65536, "variants": 256, "shadows": 256}  # ids per table
+_write_all = write_all  # one name to patch in fault tests
+_JOB_OVERHEAD: Final = 512  # bytes a queued pair holds beyond its three bodies (estimate)
+
+
+def _job_bytes(job: PairLike) -> int:
+    """What a queued pair holds in memory, about: its bodies and some overhead."""
+    shadow = job.shadow_answer
+    return (
+        _JOB_OVERHEAD
+        + len(job.request_body)
+        + len(job.primary.body)
+        + (len(shadow.body) if shadow is not None else 0)
+    )
 
 
 class DiffLogError(Exception):
@@ -221,13 +236,6 @@ def _payload_line(job: PairLike, result: Comparison, rid: bytes, cap: int) -> by
     return orjson.dumps(line) + b"\n"
 
 
-def _write_all(fd: int, data: memoryview | bytes) -> None:
-    """os.write until done; a short write followed by an error raises (ENOSPC, EIO)."""
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 class _Names:
     """Append-only names tables: ids stay stable across the files of one writer run."""
 
@@ -257,7 +265,10 @@ class _Names:
 class DiffLogWriter:
     """Compares and logs pairs on its own thread. `submit` never blocks and never raises (the
     gateway calls it on the event loop); `close` waits, bounded, for the queue to drain.
-    Disk trouble is counted (`write_errors`, `dropped["write_error"]`), retried, never raised.
+    The queue is bounded by count and by the bytes its pairs hold (`queue_max_bytes`: three
+    bodies each). Disk trouble is counted (`write_errors`, `dropped["write_error"]`),
+    logged (throttled), retried, never raised. Files are owner-only; `retention` is applied
+    each time a new file is opened.
     """
 
     def __init__(
@@ -266,6 +277,8 @@ class DiffLogWriter:
         *,
         max_file_bytes: int = 64 << 20,
         queue_size: int = 65536,
+        queue_max_bytes: int = 64 << 20,
+        retention: Retention | None = None,
         flush_interval_s: float = 1.0,
         payload_sample: float = 1.0,
         payload_max_bytes: int = 16384,
@@ -274,13 +287,17 @@ class DiffLogWriter:
         retry_interval_s: float = 1.0,
         seed: int | None = None,
     ) -> None:
-        if max_file_bytes < RECORD_SIZE or queue_size < 1 or batch_size < 1:
-            raise ValueError("max_file_bytes >= 64, queue_size >= 1 and batch_size >= 1")
+        if max_file_bytes < RECORD_SIZE or min(queue_size, queue_max_bytes, batch_size) < 1:
+            raise ValueError(
+                "max_file_bytes >= 64, queue_size, queue_max_bytes and batch_size >= 1"
+            )
         if not 0.0 <= payload_sample <= 1.0 or payload_max_bytes < 0 or flush_interval_s <= 0:
             raise ValueError("payload_sample in [0, 1], payload_max_bytes >= 0, flush > 0")
         self.log_dir = Path(log_dir)
         self.max_file_bytes = max_file_bytes
         self.queue_size = queue_size
+        self.queue_max_bytes = queue_max_bytes
+        self.retention = retention or Retention()
         self.flush_interval_s = flush_interval_s
         self.payload_sample = payload_sample
         self.payload_max_bytes = payload_max_bytes
@@ -289,7 +306,11 @@ class DiffLogWriter:
         self.retry_interval_s = retry_interval_s
         # Producers only append and the writer only pops: a deque needs no lock. The bound is
         # checked before appending, so N producer threads may overshoot it by N - 1.
-        self._queue: deque[PairLike] = deque()
+        self._queue: deque[tuple[PairLike, int]] = deque()
+        # Bytes queued = _bytes_in (bumped by the producer) - _bytes_out (by the writer):
+        # each counter has one writer, so neither needs a lock.
+        self._bytes_in = self._bytes_out = self._jobs_in = 0
+        self._warn = ThrottledLog(log)
         self._accepting = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -306,6 +327,7 @@ class DiffLogWriter:
         self._pay_fd: int | None = None
         self._bin_size = self._pay_size = 0
         self._retry_at = 0.0
+        self._retain_at = 0.0
         self._rows: list[tuple[Any, ...]] = []
         self._payloads: list[tuple[int, bytes]] = []  # (index in _rows, JSON line)
         self._oldest = 0.0
@@ -326,15 +348,25 @@ class DiffLogWriter:
         self._thread.start()
 
     def submit(self, job: PairLike) -> bool:
-        """Queues a pair; False when the queue is full (counted in dropped["queue_full"]) or
-        the writer is not running (dropped["not_running"])."""
+        """Queues a pair; False when the queue is full (counted in dropped["queue_full"]),
+        would hold more than queue_max_bytes (dropped["queue_bytes"]) or the writer is not
+        running (dropped["not_running"])."""
         if not self._accepting:
             self._drop("not_running")
             return False
         if len(self._queue) >= self.queue_size:
             self._drop("queue_full")
             return False
-        self._queue.append(job)
+        try:
+            size = _job_bytes(job)
+        except Exception:  # a malformed job: the writer counts it as bad_job
+            size = _JOB_OVERHEAD
+        if self._bytes_in - self._bytes_out + size > self.queue_max_bytes:
+            self._drop("queue_bytes")
+            return False
+        self._bytes_in += size
+        self._jobs_in += 1
+        self._queue.append((job, size))
         return True
 
     def close(self, timeout: float = 5.0) -> bool:
@@ -345,8 +377,15 @@ class DiffLogWriter:
         self._stop.set()
         if self._thread is None:
             return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        self._thread.join(max(timeout, 0.0))
+        if self._thread.is_alive():
+            with self._lock:  # accepted, neither written nor dropped yet
+                done = self.written + self.dropped["write_error"] + self.dropped["bad_job"]
+                lost = self._jobs_in - done
+                self.dropped["stop_deadline"] += lost
+            log.warning("diff log: not drained within %.1f s at stop: %d pairs lost", timeout, lost)
+            return False
+        return True
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -358,6 +397,7 @@ class DiffLogWriter:
                 "write_errors": self.write_errors,
                 "last_error": self.last_error,
                 "queue_depth": len(self._queue),
+                "queue_bytes": self._bytes_in - self._bytes_out,
                 "dropped": dict(self.dropped),
                 "verdicts": {key: dict(counts) for key, counts in self.verdicts.items()},
             }
@@ -376,14 +416,20 @@ class DiffLogWriter:
                 if n:
                     if not self._rows:
                         self._oldest = time.monotonic()
-                    self._process([queue.popleft() for _ in range(n)])
+                    batch = [queue.popleft() for _ in range(n)]
+                    try:
+                        self._process([job for job, _ in batch])
+                    finally:
+                        self._bytes_out += sum(size for _, size in batch)  # now freed
                     if len(self._rows) >= 4096:  # 256 KiB of records: one write
                         self._flush()
                     time.sleep(0)  # hand the GIL to the event loop between batches
                 if self._rows and time.monotonic() - self._oldest >= self.flush_interval_s:
                     self._flush()
+                if time.monotonic() >= self._retain_at:
+                    self._retain()
                 if not n:
-                    if self._stop.is_set():
+                    if self._stop.is_set() and not queue:  # nothing came in meanwhile
                         break
                     self._stop.wait(_POLL_S)
             except Exception as exc:  # never die: a bug here must not stop the diff log
@@ -504,25 +550,29 @@ class DiffLogWriter:
         if time.monotonic() < self._retry_at:
             return False
         try:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
+            make_log_dir(self.log_dir)
             while True:  # O_EXCL: two writers started in the same microsecond never share
                 self._seq += 1
                 self._base = str(self.log_dir / f"difflog-{self._run}-{self._seq:06d}")
                 try:
-                    os.close(os.open(self._base + ".json", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+                    os.close(open_append(self._base + ".json"))
                     break
                 except FileExistsError:
                     continue
             # The sidecar exists before the records: every record's names are readable.
             self._write_sidecar()
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-            self._bin_fd = os.open(self._base + ".bin", flags | os.O_EXCL, 0o644)
+            self._bin_fd = open_append(self._base + ".bin")
         except OSError as exc:
             self._error("open", exc)
             self._retry_at = time.monotonic() + self.retry_interval_s
             return False
         self._bin_size = self._pay_size = 0
+        self._retain()
         return True
+
+    def _retain(self) -> None:
+        self._retain_at = time.monotonic() + RETAIN_EVERY_S
+        retain(self.log_dir, "difflog", self.retention, self._base)
 
     def _write_sidecar(self) -> None:
         names = self._names
@@ -535,18 +585,15 @@ class DiffLogWriter:
             "payloads": Path(self._base).name + ".payloads.jsonl",
             **names.tables,
         }
-        tmp = self._base + ".json.tmp"
-        with open(tmp, "wb") as out:
-            out.write(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
-        os.replace(tmp, self._base + ".json")  # atomic: a reader never sees half a sidecar
+        # atomic: a reader never sees half a sidecar
+        write_atomic(self._base + ".json", orjson.dumps(meta, option=orjson.OPT_INDENT_2))
         names.dirty = False
 
     def _write_payloads(self, piece: np.ndarray, lines: list[tuple[int, bytes]], at: int) -> None:
         """Payload lines for a piece of records; a failure costs the payloads, not records."""
         try:
             if self._pay_fd is None:
-                flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-                self._pay_fd = os.open(self._base + ".payloads.jsonl", flags, 0o644)
+                self._pay_fd = open_append(self._base + ".payloads.jsonl")
                 self._pay_size = os.fstat(self._pay_fd).st_size
             offsets, offset = [], self._pay_size
             for _, line in lines:
@@ -594,6 +641,8 @@ class DiffLogWriter:
             if where in ("open", "write", "payload", "sidecar"):
                 self.write_errors += 1
             self.last_error = f"{where}: {exc}"
+        if where != "bad_job":
+            self._warn.warning(where, "diff log: %s error in %s: %s", where, self.log_dir, exc)
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -652,9 +701,24 @@ def read_difflog(path: str | os.PathLike[str]) -> tuple[np.ndarray, DiffLogNames
     merged = _Names()
     arrays, segments, start = [], [], 0
     for file in files:
-        meta = _sidecar(file)
+        try:
+            meta = _sidecar(file)
+        except DiffLogError as exc:
+            if not root.is_dir():
+                raise
+            if file.stat().st_size:  # an empty one: killed before its first write
+                log.warning("%s (skipped)", exc)
+            continue
         # A killed writer may leave a partial record at the end: only whole ones are read.
-        records = np.fromfile(file, dtype=DIFF_DTYPE, count=file.stat().st_size // RECORD_SIZE)
+        size = file.stat().st_size
+        records = np.fromfile(file, dtype=DIFF_DTYPE, count=size // RECORD_SIZE)
+        if size % RECORD_SIZE:
+            log.warning(
+                "%s: ignored a torn last record (%d bytes; %d whole records read)",
+                file,
+                size % RECORD_SIZE,
+                len(records),
+            )
         for table, column in (
             ("routes", "route_id"),
             ("variants", "variant_id"),
@@ -663,6 +727,7 @@ def read_difflog(path: str | os.PathLike[str]) -> tuple[np.ndarray, DiffLogNames
             names = [str(n) for n in meta.get(table, ())]
             ids = records[column]
             if len(ids) and int(ids.max()) >= len(names):
+                log.warning("%s: ids past the sidecar's %s table read as (unknown)", file, table)
                 names += ["(unknown)"] * (int(ids.max()) + 1 - len(names))
             lut = np.array([merged.id(table, n) for n in names] or [0], dtype=ids.dtype)
             records[column] = lut[ids]
@@ -676,6 +741,8 @@ def read_difflog(path: str | os.PathLike[str]) -> tuple[np.ndarray, DiffLogNames
             )
         )
         start += len(records)
+    if not arrays:
+        raise DiffLogError(f"{root}: no readable diff log files (see the warnings above)")
     tables = merged.tables
     names_out = DiffLogNames(
         tuple(tables["routes"]),

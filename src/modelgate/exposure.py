@@ -28,7 +28,7 @@ import numpy as np
 
 from modelgate.recordlog import RecordLog, iter_record_files
 
-__all__ = ["EXPOSURE_DTYPE", "ExposureLog", "read_exposures"]
+__all__ = ["EXPOSURE_DTYPE", "EXPOSURE_NAMES", "ExposureLog", "read_exposures"]
 
 EXPOSURE_DTYPE = np.dtype(
     [
@@ -45,14 +45,14 @@ assert EXPOSURE_DTYPE.itemsize == 40
 
 FLAG_ENROLLED = 0x01
 FLAG_FORCED = 0x02
+EXPOSURE_NAMES = {"experiment_id": "experiments", "variant_id": "variants"}  # id -> table
 
 
 class ExposureLog(RecordLog):
     """`add()` is called on the event loop and only appends to a deque; a thread does the rest."""
 
     def __init__(self, log_dir: str | os.PathLike[str], **options: Any) -> None:
-        names = {"experiment_id": "experiments", "variant_id": "variants"}
-        super().__init__(log_dir, "exposure", EXPOSURE_DTYPE, names, **options)
+        super().__init__(log_dir, "exposure", EXPOSURE_DTYPE, EXPOSURE_NAMES, **options)
 
     def add(
         self, request_id: bytes, unit_hash: int, experiment: str, variant: str, flags: int
@@ -65,7 +65,7 @@ def read_exposures(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[dict[
     returns (records, rows) where rows carry experiment and variant names."""
     arrays: list[np.ndarray] = []
     rows: list[dict[str, Any]] = []
-    for _, data, names in iter_record_files(path, "exposure", EXPOSURE_DTYPE):
+    for _, data, names in iter_record_files(path, "exposure", EXPOSURE_DTYPE, EXPOSURE_NAMES):
         arrays.append(data)
         rows.extend(
             {

@@ -28,7 +28,14 @@ import numpy as np
 
 from modelgate.recordlog import RecordLog, iter_record_files
 
-__all__ = ["FEEDBACK_DTYPE", "FLAG_BY_REQUEST_ID", "FLAG_ENROLLED", "FeedbackLog", "read_feedback"]
+__all__ = [
+    "FEEDBACK_DTYPE",
+    "FEEDBACK_NAMES",
+    "FLAG_BY_REQUEST_ID",
+    "FLAG_ENROLLED",
+    "FeedbackLog",
+    "read_feedback",
+]
 
 FEEDBACK_DTYPE = np.dtype(
     [
@@ -47,14 +54,14 @@ assert FEEDBACK_DTYPE.itemsize == 48
 
 FLAG_ENROLLED = 0x01
 FLAG_BY_REQUEST_ID = 0x02
+FEEDBACK_NAMES = {"experiment_id": "experiments", "variant_id": "variants", "metric_id": "metrics"}
 
 
 class FeedbackLog(RecordLog):
     """`add()` is called on the event loop and only appends to a deque; a thread does the rest."""
 
     def __init__(self, log_dir: str | os.PathLike[str], **options: Any) -> None:
-        names = {"experiment_id": "experiments", "variant_id": "variants", "metric_id": "metrics"}
-        super().__init__(log_dir, "feedback", FEEDBACK_DTYPE, names, **options)
+        super().__init__(log_dir, "feedback", FEEDBACK_DTYPE, FEEDBACK_NAMES, **options)
 
     def add(
         self,
@@ -74,7 +81,7 @@ class FeedbackLog(RecordLog):
 def read_feedback(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every feedback file of a directory (or one file) as rows with names resolved."""
     rows: list[dict[str, Any]] = []
-    for _, data, names in iter_record_files(path, "feedback", FEEDBACK_DTYPE):
+    for _, data, names in iter_record_files(path, "feedback", FEEDBACK_DTYPE, FEEDBACK_NAMES):
         experiments, variants, metrics = names["experiments"], names["variants"], names["metrics"]
         rows.extend(
             {

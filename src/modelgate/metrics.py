@@ -58,7 +58,12 @@ _FAMILY = {
     ),
     "log_records": (
         "modelgate_log_records",
-        "Exposure and feedback records written, or dropped with the reason",
+        "Exposure, feedback and diff-log records written, or dropped with the reason "
+        "(dropped_write_error: lost to a full disk or an I/O error)",
+    ),
+    "log_write_errors": (
+        "modelgate_log_write_errors",
+        "Failed writes to the log files (full disk, I/O error, unusable log_dir), by log",
     ),
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ import orjson
 from modelgate.core import xxh64
 from modelgate.exposure import ExposureLog
 from modelgate.feedbacklog import FLAG_BY_REQUEST_ID, FLAG_ENROLLED, FeedbackLog
+from modelgate.logretention import retention_of
 from modelgate.telemetry import LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
@@ -225,14 +227,19 @@ class OutcomeStore:
         read the reference they find, never a half-updated one)."""
         self._described = config
         meta = {"experiments": experiment_designs(config)}
+        retention = retention_of(config.logs.retention)
         for log in (self.exposures, self.feedback_log):
             if log is not None:
                 log.meta = meta
+                log.retention = retention
 
-    def close(self) -> None:
+    def close(self, deadline: float | None = None) -> None:
+        """Stops the record logs; each writes what it holds until `deadline` (monotonic
+        time; default 2 s from now) and says what it could not."""
+        deadline = time.monotonic() + 2.0 if deadline is None else deadline
         for log in (self.exposures, self.feedback_log):
             if log is not None:
-                log.close()
+                log.close(deadline - time.monotonic())
         self.exposures = self.feedback_log = None
 
     def observe_all(

@@ -12,7 +12,7 @@ import os
 import signal
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,17 +60,28 @@ def _verdict_counts(gateway: Gateway) -> Counter[tuple[str, ...]]:
     return out
 
 
-def _log_counts(gateway: Gateway) -> Counter[tuple[str, ...]]:
-    out: Counter[tuple[str, ...]] = Counter()
-    for name, record_log in (
+def _log_stats(gateway: Gateway) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(log name, stats) of each log writer this process has opened."""
+    for name, writer in (
         ("exposure", gateway.outcomes.exposures),
         ("feedback", gateway.outcomes.feedback_log),
+        ("difflog", gateway.shadows.writer),
     ):
-        if record_log is not None:
-            out[(name, "written")] += record_log.written
-            for reason, n in record_log.dropped.items():
-                out[(name, f"dropped_{reason}")] += n
+        if writer is not None:
+            yield name, writer.stats()
+
+
+def _log_counts(gateway: Gateway) -> Counter[tuple[str, ...]]:
+    out: Counter[tuple[str, ...]] = Counter()
+    for name, stats in _log_stats(gateway):
+        out[(name, "written")] += stats["written"]
+        for reason, n in stats["dropped"].items():
+            out[(name, f"dropped_{reason}")] += n
     return out
+
+
+def _log_errors(gateway: Gateway) -> Counter[tuple[str, ...]]:
+    return Counter({(name,): stats["write_errors"] for name, stats in _log_stats(gateway)})
 
 
 def track_gateway(gateway: Gateway) -> None:
@@ -83,6 +94,7 @@ def track_gateway(gateway: Gateway) -> None:
     counters.track("shadow_verdicts", lambda: _verdict_counts(gateway))
     counters.track("feedback", lambda: {(k,): n for k, n in gateway.outcomes.counts.items()})
     counters.track("log_records", lambda: _log_counts(gateway))
+    counters.track("log_write_errors", lambda: _log_errors(gateway))
 
 
 def process_telemetry(gateway: Gateway) -> dict[str, Any]:

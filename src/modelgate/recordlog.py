@@ -1,5 +1,10 @@
 """Append-only logs of fixed-size numpy records (exposures, feedback), written off the event
 loop by one thread per log, with a JSON names sidecar per file so a reader needs nothing else.
+
+Disk trouble (a full disk, EIO) costs the records of the batch that failed, counted, and
+nothing else: the file is cut back to whole records (or given up for a new one), the
+sidecar is written before the records that need its names, and the thread keeps running
+and writes again once there is room. Readers are in modelgate.recordfiles.
 """
 
 from __future__ import annotations
@@ -10,11 +15,22 @@ import os
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from modelgate.logfiles import (
+    ThrottledLog,
+    make_log_dir,
+    open_append,
+    truncate_or_close,
+    write_all,
+    write_atomic,
+)
+from modelgate.logretention import RETAIN_EVERY_S, Retention, retain
+from modelgate.recordfiles import iter_record_files
 
 __all__ = ["RecordLog", "iter_record_files"]
 
@@ -28,8 +44,10 @@ class RecordLog:
     producer, one consumer); the thread turns queued tuples into records once a second.
     A tuple holds every field of `dtype` except those named `pad*`, in dtype order; the
     fields listed in `names` hold strings that the thread replaces by ids into the sidecar's
-    table of that name. The queue is bounded: when the disk is slow the gateway keeps serving
-    and counts the drops. `meta` (set from the event loop) is written into every sidecar.
+    table of that name. A table holds as many names as its id field can count (65,536 for
+    <u2); a name past that starts a new file whose tables start empty. The queue is bounded:
+    when the disk is slow the gateway keeps serving and counts the drops. `meta` (set from
+    the event loop) is written into every sidecar; `retention` is applied on each new file.
     """
 
     def __init__(
@@ -42,29 +60,41 @@ class RecordLog:
         queue_size: int = 262_144,
         flush_interval_s: float = 1.0,
         max_file_bytes: int = 64 << 20,
+        retention: Retention | None = None,
     ) -> None:
         self.log_dir = Path(log_dir)
         self.prefix = prefix
         self.dtype = dtype
         self.fields = [f for f in dtype.names or () if not f.startswith("pad")]
         self.named = dict(names)  # field -> sidecar table
+        self.capacity = {  # table -> how many names its id field can count
+            table: int(np.iinfo(dtype[field]).max) + 1 for field, table in self.named.items()
+        }
         self.queue_size = queue_size
         self.flush_interval_s = flush_interval_s
         self.max_file_bytes = max_file_bytes
+        self.retention = retention or Retention()
         self.meta: dict[str, Any] = {}
         self._queue: deque[tuple[Any, ...]] = deque()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._tables: dict[str, list[str]] = {table: [] for table in self.named.values()}
-        self._ids: dict[str, dict[str, int]] = {table: {} for table in self.named.values()}
+        self._dead = False  # the thread ended without being asked to: append() counts drops
+        self._tables: dict[str, list[str]] = {}
+        self._ids: dict[str, dict[str, int]] = {}
+        self._fresh_tables()
         now = time.time_ns()
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9))
         self._run = f"{stamp}.{now // 1000 % 10**6:06d}Z-p{os.getpid()}"
         self._seq = 0
         self._size = 0
-        self._path: Path | None = None
+        self._fd: int | None = None
+        self._base = ""
+        self._sidecar_state: tuple[Any, ...] = ()
+        self._retain_at = 0.0
+        self._warn = ThrottledLog(log)
         self.written = 0
         self.write_errors = 0
+        self.last_error = ""
         self.dropped: Counter[str] = Counter()
 
     def start(self) -> None:
@@ -75,32 +105,102 @@ class RecordLog:
             self._thread.start()
 
     def append(self, row: tuple[Any, ...]) -> None:
+        if self._dead:
+            self.dropped["writer_dead"] += 1
+            return
         if len(self._queue) >= self.queue_size:
             self.dropped["queue_full"] += 1
             return
         self._queue.append(row)
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Stops the thread after a last flush (bounded by `timeout`)."""
+    def close(self, timeout: float = 2.0) -> bool:
+        """Stops the thread after a last flush, waiting up to `timeout` s. False when it
+        had not finished: what it still held is lost with the process, and logged."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return True
+        thread.join(max(timeout, 0.0))
+        if thread.is_alive():
+            lost = len(self._queue)
+            self.dropped["stop_deadline"] += lost
+            log.warning(
+                "%s log: not flushed within %.1f s at stop: %d records lost",
+                self.prefix,
+                timeout,
+                lost,
+            )
+            return False
+        return True
 
     def stats(self) -> dict[str, Any]:
         return {
             "written": self.written,
             "write_errors": self.write_errors,
+            "last_error": self.last_error,
             "dropped": dict(self.dropped),
             "queued": len(self._queue),
+            "alive": self._thread is not None and not self._dead,
         }
 
     # --- the writer thread ---------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.flush_interval_s):
+        try:
+            while not self._stop.wait(self.flush_interval_s):
+                self._guarded_flush()
+            self._guarded_flush()
+        finally:
+            self._close_file()
+            if not self._stop.is_set():
+                self._dead = True
+                log.error("%s log: the writer thread ended; records are dropped", self.prefix)
+
+    def _guarded_flush(self) -> None:
+        """A bug here must not end the thread: the batch is dropped, counted and logged."""
+        try:
             self._flush()
-        self._flush()
+            if time.monotonic() >= self._retain_at:
+                self._retain()
+        except Exception as exc:
+            self.write_errors += 1
+            self.last_error = f"internal: {exc!r}"
+            log.exception("%s log: writer error", self.prefix)
+
+    def _fresh_tables(self) -> None:
+        self._tables = {table: [] for table in self.named.values()}
+        self._ids = {table: {} for table in self.named.values()}
+
+    def _fits(self, rows: list[tuple[Any, ...]], columns: list[tuple[Any, ...]]) -> int:
+        """How many of `rows` (from the first) the names tables can still take."""
+        named = [(self.fields.index(f), t) for f, t in self.named.items()]
+        if all(  # the usual case, column by column in C: every new name fits
+            len(self._tables[t]) + len(set(columns[i]) - self._ids[t].keys()) <= self.capacity[t]
+            for i, t in named
+        ):
+            return len(rows)
+        fresh: dict[str, set[str]] = {table: set() for _, table in named}
+        for count, row in enumerate(rows):
+            for index, table in named:
+                name = row[index]
+                if name in self._ids[table] or name in fresh[table]:
+                    continue
+                if len(self._tables[table]) + len(fresh[table]) >= self.capacity[table]:
+                    return count
+                fresh[table].add(name)
+        return len(rows)
+
+    def _encode(self, columns: list[tuple[Any, ...]]) -> np.ndarray:
+        records = np.zeros(len(columns[0]), dtype=self.dtype)
+        # Names are mapped once per distinct value, not per row.
+        for name, column in zip(self.fields, columns, strict=True):
+            table = self.named.get(name)
+            if table:
+                ids = {value: self._id(table, value) for value in dict.fromkeys(column)}
+                records[name] = [ids[value] for value in column]
+            else:
+                records[name] = column
+        return records
 
     def _id(self, table: str, name: str) -> int:
         ids = self._ids[table]
@@ -117,50 +217,93 @@ class RecordLog:
             return
         popleft = queue.popleft
         rows = [popleft() for _ in range(count)]
-        records = np.zeros(count, dtype=self.dtype)
-        # zip(*rows) transposes in C; names are mapped once per distinct value, not per row.
-        for name, column in zip(self.fields, zip(*rows, strict=True), strict=True):
-            table = self.named.get(name)
-            if table:
-                ids = {value: self._id(table, value) for value in dict.fromkeys(column)}
-                records[name] = [ids[value] for value in column]
+        done = self.written + self.dropped["write_error"]
+        try:
+            self._write_rows(rows)
+        except Exception:  # a bug: what this batch did not write is lost, and counted
+            self.dropped["internal_error"] += count - (
+                self.written + self.dropped["write_error"] - done
+            )
+            raise
+
+    def _write_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        while rows:
+            columns = list(zip(*rows, strict=True))  # transposed in C
+            fits = self._fits(rows, columns)
+            if fits == 0:  # a table is full: a new file, whose sidecar starts empty tables
+                self._close_file()
+                self._fresh_tables()
+                log.info("%s log: a names table is full; starting a new file", self.prefix)
+                continue
+            if fits < len(rows):
+                rows, columns = rows[fits:], list(zip(*rows[:fits], strict=True))
             else:
-                records[name] = column
+                rows = []
+            self._write_batch(self._encode(columns))
+
+    def _write_batch(self, records: np.ndarray) -> None:
         try:
             self._write(records)
         except OSError as exc:
             self.write_errors += 1
-            self.dropped["write_error"] += count
-            log.warning(
-                "%s log: cannot write %d records to %s: %s", self.prefix, count, self.log_dir, exc
+            self.dropped["write_error"] += len(records)
+            self.last_error = f"write: {exc}"
+            self._warn.warning(
+                "write",
+                "%s log: cannot write %d records to %s: %s (dropped and counted)",
+                self.prefix,
+                len(records),
+                self.log_dir,
+                exc,
             )
+            return
+        self.written += len(records)
 
     def _write(self, records: np.ndarray) -> None:
-        if self._path is None or self._size >= self.max_file_bytes:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._seq += 1
-            self._path = self.log_dir / f"{self.prefix}-{self._run}-{self._seq:04d}.bin"
-            self._size = 0
-        with open(self._path, "ab") as out:
-            out.write(records.tobytes())
+        if self._fd is None or self._size >= self.max_file_bytes:
+            self._open()
+        fd = self._fd
+        assert fd is not None
+        state = (tuple(len(t) for t in self._tables.values()), id(self.meta))
+        if state != self._sidecar_state:
+            self._write_sidecar()  # before the records that need its names
+            self._sidecar_state = state
+        try:
+            write_all(fd, records.tobytes())
+        except OSError:
+            # Half a batch may have landed: cut back to whole records, or give the file
+            # up, so no later record is written at a misaligned offset.
+            if not truncate_or_close(fd, self._size):
+                self._fd = None
+            raise
         self._size += records.nbytes
-        self.written += len(records)
-        sidecar = self._path.with_suffix(".json")
-        tmp = sidecar.with_suffix(".json.tmp")
+
+    def _open(self) -> None:
+        self._close_file()
+        make_log_dir(self.log_dir)
+        while True:
+            self._seq += 1
+            base = str(self.log_dir / f"{self.prefix}-{self._run}-{self._seq:04d}")
+            try:
+                self._fd = open_append(base + ".bin")
+                break
+            except FileExistsError:
+                continue
+        self._base, self._size, self._sidecar_state = base, 0, ()
+        self._retain()
+
+    def _retain(self) -> None:
+        self._retain_at = time.monotonic() + RETAIN_EVERY_S
+        retain(self.log_dir, self.prefix, self.retention, self._base)
+
+    def _write_sidecar(self) -> None:
         document = dict(self._tables, dtype=self.dtype.descr, format=self.prefix, meta=self.meta)
-        tmp.write_text(json.dumps(document), "utf-8")
-        os.replace(tmp, sidecar)  # atomic: a reader never sees half a names table
+        write_atomic(self._base + ".json", json.dumps(document).encode())
 
-
-def iter_record_files(
-    path: str | os.PathLike[str], prefix: str, dtype: np.dtype[Any]
-) -> Iterator[tuple[Path, np.ndarray, dict[str, Any]]]:
-    """Each `<prefix>-*.bin` file of a directory (or the one file given), in name order, as
-    (path, records, sidecar). A cut-off tail record (a killed writer) is ignored."""
-    root = Path(path)
-    files = sorted(root.glob(f"{prefix}-*.bin")) if root.is_dir() else [root]
-    for file in files:
-        count = file.stat().st_size // dtype.itemsize
-        data = np.fromfile(file, dtype=dtype, count=count)
-        sidecar: dict[str, Any] = json.loads(file.with_suffix(".json").read_text("utf-8"))
-        yield file, data, sidecar
+    def _close_file(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None

@@ -27,6 +27,9 @@ __all__ = ["Gateway", "StartupError", "bind_socket"]
 
 SWEEP_INTERVAL_S = 0.5
 WATCHDOG_INTERVAL_S = 0.02
+# The log writers get what is left of the drain timeout for their backlog, at least this
+# (within the --workers parent's kill grace), so a drain that used it all still flushes.
+LOG_DRAIN_MIN_S = 1.0
 
 
 class StartupError(Exception):
@@ -124,8 +127,10 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self.registry.close()
-        self.shadows.close()
-        self.outcomes.close()
+        left = max(deadline - self.loop.time(), LOG_DRAIN_MIN_S)
+        logs_deadline = time.monotonic() + left
+        self.shadows.close(left)
+        self.outcomes.close(logs_deadline)
         return clean
 
     def status(self) -> dict[str, Any]:

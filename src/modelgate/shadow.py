@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from modelgate.chaos import ChaosRuntime, mutate_json
+from modelgate.config import LogsSpec
 from modelgate.core import bucket
 from modelgate.difflog import DiffLogWriter
+from modelgate.logretention import retention_of
 from modelgate.upstream import UpstreamRegistry
 
 if TYPE_CHECKING:
@@ -84,6 +86,7 @@ class ShadowDispatcher:
         # log_dir: a gateway without shadows never creates log files.
         self.sink = sink
         self.log_dir: str | None = None
+        self.log_settings = LogsSpec()
         self.writer: DiffLogWriter | None = None
         self.registry = UpstreamRegistry()
         self.applied_version = -1
@@ -107,6 +110,10 @@ class ShadowDispatcher:
         self.registry.apply(targets)
         self.applied_version = plan.version
         self.log_dir = plan.config.log_dir
+        self.log_settings = settings = plan.config.logs
+        if self.writer is not None:  # a reload's bounds apply to the running writer
+            self.writer.retention = retention_of(settings.retention)
+            self.writer.queue_max_bytes = settings.diff_queue_max_bytes
 
     def begin(
         self,
@@ -166,7 +173,12 @@ class ShadowDispatcher:
 
     def emit(self, pair: ShadowPair) -> None:
         if self.sink is None and self.log_dir is not None:
-            self.writer = DiffLogWriter(self.log_dir)
+            settings = self.log_settings
+            self.writer = DiffLogWriter(
+                self.log_dir,
+                queue_max_bytes=settings.diff_queue_max_bytes,
+                retention=retention_of(settings.retention),
+            )
             self.writer.start()
             self.sink = self.writer
         sink = self.sink
@@ -175,12 +187,14 @@ class ShadowDispatcher:
         elif not sink.submit(pair):
             self.count(pair.route, pair.shadow, "dropped_sink_full")
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Ends the shadow calls; the diff log writes what is queued within `timeout_s`
+        (the process's stop deadline) and says what it could not."""
         for call in list(self.calls):
             call.finish("unavailable")
         self.registry.close()
         if self.writer is not None:
-            self.writer.close(timeout=2.0)  # flushes what is queued, bounded
+            self.writer.close(timeout=timeout_s)
             self.writer = None
             self.sink = None
         if self._watchdog is not None:

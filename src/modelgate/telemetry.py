@@ -50,6 +50,7 @@ TRACKED_FAMILIES: dict[str, tuple[str, ...]] = {
     "shadow_verdicts": ("route", "shadow", "verdict"),
     "feedback": ("result",),
     "log_records": ("log", "result"),
+    "log_write_errors": ("log",),
 }
 Source = Callable[[], Mapping[Any, int]]  # keys: tuples of label values, as in TRACKED_FAMILIES
 
