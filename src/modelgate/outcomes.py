@@ -408,19 +408,20 @@ class OutcomeStore:
         """The assignments of a remembered request, once its token (when given, or
         required) proves the poster got that very response."""
         ttl = plan.config.feedback.request_id_ttl_s
+        rid = item["request_id"]  # as posted, for the messages
         found = self.recent.get(request_id)
         if found is None or found[0] < now - ttl:
             raise FeedbackError(
                 404,
                 "unknown_request_id",
-                f"request {request_id!r} is unknown or older than {ttl:g} s (or had no experiment)",
+                f"request {rid!r} is unknown or older than {ttl:g} s (or had no experiment)",
             )
         assignments = found[1]
         if assignments is None:
             raise FeedbackError(
                 409,
                 "ambiguous_request_id",
-                f"request id {request_id!r} was sent by more than one unit or variant; "
+                f"request id {rid!r} was sent by more than one unit or variant; "
                 "its feedback cannot be joined",
             )
         keys = plan.feedback_keys
@@ -438,7 +439,7 @@ class OutcomeStore:
             token, request_id, found[2], assignment_bytes(assignments)
         ):
             raise FeedbackError(
-                403, "bad_token", f"the token is not the one issued for request {request_id!r}"
+                403, "bad_token", f"the token is not the one issued for request {rid!r}"
             )
         return assignments
 
