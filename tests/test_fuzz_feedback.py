@@ -5,9 +5,6 @@ a secret that is not checked when they are planted, and a short coverage-guided 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +15,7 @@ from modelgate.feedback_tokens import Credential, FeedbackKeys
 
 from .fuzz.feedback import SEEDS, check_input
 from .fuzz.front_door import FuzzFailure
+from .fuzz.runner import short_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,27 +56,4 @@ def test_the_harness_catches_an_unchecked_unit_secret(monkeypatch: pytest.Monkey
 
 @pytest.mark.fuzz
 def test_a_short_coverage_guided_run_finds_nothing(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i, seed in enumerate(SEEDS):
-        (corpus / f"seed{i}").write_bytes(seed)
-    seconds = os.environ.get("MODELGATE_FUZZ_SECONDS", "20")
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "fuzz" / "fuzz_feedback.py"),
-            f"-max_total_time={seconds}",
-            "-max_len=2048",
-            "-seed=12345",
-            f"-artifact_prefix={tmp_path}/",
-            str(corpus),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=int(seconds) + 120,
-        cwd=ROOT,
-    )
-    tail = (run.stdout + run.stderr)[-3000:]
-    assert run.returncode == 0, tail
-    assert "Done" in tail and "runs in" in tail, tail
-    assert not list(tmp_path.glob("crash-*")), tail
+    short_run("fuzz_feedback.py", SEEDS, tmp_path)
