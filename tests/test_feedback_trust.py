@@ -16,11 +16,12 @@ import pytest
 import xxhash
 
 from modelgate.config import ConfigError, validate_config
+from modelgate.control import REDACTED
 from modelgate.mock import MockSettings
 from modelgate.outcomes import FeedbackError, OutcomeStore
 from modelgate.plan import compile_plan
 
-from .support import Stack, ab_config, async_test, gateway_stack
+from .support import Stack, ab_config, admin_stack, async_test, gateway_stack
 
 MOCKS = {"model-a": MockSettings(name="model-a"), "model-b": MockSettings(name="model-b")}
 FEEDBACK = "/_modelgate/feedback"
@@ -308,6 +309,20 @@ def test_a_secret_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
     assert plan.feedback_keys.unit_secret == SECRET.encode()
 
 
+@async_test
+async def test_get_config_hides_the_feedback_secrets_and_a_reload_of_it_keeps_them() -> None:
+    token_secret = "token-secret-0123456789"
+    config = ab_config(feedback={"secret": token_secret, "unit_secret": SECRET})
+    async with admin_stack(config, MOCKS) as admin, aiohttp.ClientSession() as session:
+        async with session.get(admin.admin_url + "/config") as response:
+            running = await response.json()
+        assert running["feedback"]["secret"] == running["feedback"]["unit_secret"] == REDACTED
+        assert token_secret not in str(running) and SECRET not in str(running)
+        async with session.post(admin.admin_url + "/reload", json=running) as response:
+            assert (await response.json())["result"] == "unchanged"
+        assert admin.stack.gateway.plan.feedback_keys.unit_secret == SECRET.encode()
+
+
 # --- the secret on feedback by unit ----------------------------------------------------------
 
 
@@ -380,6 +395,7 @@ async def test_a_reused_request_id_cannot_take_over_the_earlier_requests_join() 
             assert (status, body["error"]) == (409, "ambiguous_request_id"), body
         assert stack.gateway.outcomes.outcomes == {}
         assert stack.gateway.outcomes.counts["request_id_collisions"] == 1
+        assert stack.gateway.outcomes.counts["ambiguous_request_id"] == 2
         # The same unit sending the same id again (a retry) keeps its join.
         rid_b, _ = await predict(session, stack, alice, request_id="order-5678")
         await predict(session, stack, alice, request_id=rid_b)

@@ -148,7 +148,12 @@ class _Item:
 
 
 _KEYS = frozenset({"metric", "value", "experiment", "unit", "request_id", "token"})
-_REFUSALS = {401: "unauthorized", 403: "unauthorized", 404: "unknown_request_id"}
+_REFUSALS = {
+    401: "unauthorized",
+    403: "unauthorized",
+    404: "unknown_request_id",
+    409: "ambiguous_request_id",
+}
 
 
 def assignment_bytes(assignments: Assignments) -> bytes:
