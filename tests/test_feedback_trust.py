@@ -357,6 +357,32 @@ async def test_the_unit_secret_can_come_in_a_header_of_its_own() -> None:
         assert status == 202, body
 
 
+@async_test
+async def test_bench_posts_by_unit_with_the_secret_from_the_environment() -> None:
+    from modelgate.bench import run_bench
+    from modelgate.bench_config import BenchConfig
+    from modelgate.bench_config import FeedbackSpec as BenchFeedback
+
+    config = ab_config(feedback={"unit_secret": SECRET})
+    async with gateway_stack(config, MOCKS) as stack:
+        bench = BenchConfig(
+            stack.url + "/predict",
+            concurrency=2,
+            requests=20,
+            unit_header="x-user-id",
+            feedback=(BenchFeedback.parse("clicked:control=0.2,candidate=0.4"),),
+            feedback_kind="binary",
+        )
+        without = await run_bench(bench)
+        os.environ["MODELGATE_FEEDBACK_UNIT_SECRET"] = SECRET
+        try:
+            with_secret = await run_bench(bench)
+        finally:
+            del os.environ["MODELGATE_FEEDBACK_UNIT_SECRET"]
+    assert without.feedback is not None and without.feedback.accepted == 0
+    assert with_secret.feedback is not None and with_secret.feedback.accepted == 20
+
+
 # --- request ids -------------------------------------------------------------------------------
 
 
