@@ -5,6 +5,7 @@ on the public port could send, and failed on the code before this change."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 from collections.abc import Callable
@@ -21,7 +22,15 @@ from modelgate.mock import MockSettings
 from modelgate.outcomes import FeedbackError, OutcomeStore
 from modelgate.plan import compile_plan
 
-from .support import Stack, ab_config, admin_stack, async_test, gateway_stack
+from .support import (
+    Stack,
+    ab_config,
+    admin_stack,
+    async_test,
+    gateway_stack,
+    raw_upstream,
+    read_request_head,
+)
 
 MOCKS = {"model-a": MockSettings(name="model-a"), "model-b": MockSettings(name="model-b")}
 FEEDBACK = "/_modelgate/feedback"
@@ -269,6 +278,28 @@ async def test_tokens_only_where_an_experiment_applied_and_feedback_is_on() -> N
     config = ab_config(feedback={"enabled": False})
     async with gateway_stack(config, MOCKS) as stack, aiohttp.ClientSession() as session:
         assert (await predict(session, stack, "alice"))[1] is None
+
+
+@async_test
+async def test_neither_an_upstream_nor_a_client_can_pass_a_token_along() -> None:
+    seen: list[bytes] = []
+
+    async def forging(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_request_head(reader))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-modelgate-feedback: forged\r\n\r\n{}"
+        )
+        await writer.drain()
+
+    async with raw_upstream(forging) as port:
+        ports = {"model-a": port, "model-b": port}
+        async with gateway_stack(ab_config(), extra_ports=ports) as stack:
+            async with aiohttp.ClientSession() as session:
+                headers = {"x-user-id": "alice", "x-modelgate-feedback": "from-the-client"}
+                async with session.get(stack.url + "/predict", headers=headers) as response:
+                    tokens = response.headers.getall("x-modelgate-feedback")
+    assert len(tokens) == 1 and len(tokens[0]) == 32 and tokens[0] != "forged"
+    assert b"from-the-client" not in seen[0]
 
 
 def test_a_token_made_by_one_worker_verifies_on_another() -> None:
