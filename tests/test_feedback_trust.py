@@ -419,10 +419,15 @@ async def test_bench_posts_by_unit_with_the_secret_from_the_environment() -> Non
 
 @async_test
 async def test_request_ids_do_not_predict_each_other() -> None:
+    """Ids are `<process prefix>-<64 random bits>`: the prefix tells the process, the rest
+    nothing (they were the prefix and a counter)."""
     async with gateway_stack(ab_config(), MOCKS) as stack, aiohttp.ClientSession() as session:
         ids = [(await predict(session, stack, f"u{i}"))[0] for i in range(200)]
-    assert len({rid[:12] for rid in ids}) == len(ids)  # no shared prefix, no counter
-    assert all(len(rid) == 24 and int(rid, 16) >= 0 for rid in ids)
+    prefixes = {rid.rsplit("-", 1)[0] for rid in ids}
+    tails = [int(rid.rsplit("-", 1)[1], 16) for rid in ids]
+    assert len(prefixes) == 1 and all(len(rid) == 29 for rid in ids)
+    assert len({tail >> 48 for tail in tails}) > 150  # the top 16 bits: random, not a count
+    assert not any(b - a == 1 for a, b in zip(tails, tails[1:], strict=False))
 
 
 def test_a_forked_worker_draws_other_request_ids() -> None:
@@ -431,7 +436,8 @@ def test_a_forked_worker_draws_other_request_ids() -> None:
     new_request_id()  # the parent's pool is filled: the child must not reuse it
     child = in_forked_child(lambda: b"".join(new_request_id() for _ in range(3)))
     ours = b"".join(new_request_id() for _ in range(3))
-    assert len(child) == len(ours) == 72 and child != ours
+    assert len(child) == len(ours) == 87
+    assert child[:12] != ours[:12] and child[13:29] != ours[13:29]
 
 
 @async_test
