@@ -370,9 +370,10 @@ async def test_feedback_by_unit_needs_the_secret_when_one_is_set() -> None:
         assert stack.gateway.outcomes.outcomes == {}
         status, body = await post(session, stack, item, {"authorization": f"Bearer {SECRET}"})
         assert status == 202, body
-        # Feedback by request id does not need it.
+        # Feedback by request id does not need it, nor minds another Authorization header.
         rid, _ = await predict(session, stack, "alice")
-        status, body = await post(session, stack, {"request_id": rid, "metric": "m", "value": 1})
+        item = {"request_id": rid, "metric": "m", "value": 1}
+        status, body = await post(session, stack, item, {"authorization": "Bearer app-token"})
         assert status == 202, body
         assert stack.gateway.outcomes.counts["unauthorized"] == 5
 

@@ -287,11 +287,6 @@ class OutcomeStore:
         token, 404 unknown or expired request id, 409 an ambiguous request id, 413 too many
         items, 422 a unit outside the experiment)."""
         spec = plan.config.feedback
-        if credential is Credential.WRONG:
-            self.counts["unauthorized"] += 1
-            raise FeedbackError(
-                403, "bad_unit_secret", f"the {spec.unit_secret_header} header is not the secret"
-            )
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -375,6 +370,14 @@ class OutcomeStore:
         if "token" in item:
             raise FeedbackError(400, "bad_feedback", "token goes with request_id")
         if plan.feedback_keys.unit_secret is not None and credential is not Credential.VALID:
+            # Only feedback by unit asks for the secret: an unrelated Authorization header
+            # on feedback by request id is no reason to refuse it.
+            if credential is Credential.WRONG:
+                raise FeedbackError(
+                    403,
+                    "bad_unit_secret",
+                    f"the {spec.unit_secret_header} header is not the secret",
+                )
             raise FeedbackError(
                 401,
                 "unit_secret_required",

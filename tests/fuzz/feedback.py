@@ -12,6 +12,7 @@ declares nothing. What each input must satisfy, besides the front door's propert
 
 from __future__ import annotations
 
+import atexit
 import math
 import re
 from typing import Any
@@ -67,6 +68,8 @@ class FeedbackDoor:
     def __init__(self, config: dict[str, Any]) -> None:
         self.door = FrontDoor(config)
         self.config = config
+        # Before the front door's log directory is removed (atexit runs last in, first out).
+        atexit.register(self.door.gateway.outcomes.close)
         out = self.door.run(
             [b"POST /predict HTTP/1.1\r\nhost: a\r\nx-user-id: u1\r\ncontent-length: 2\r\n\r\n{}"]
         )
