@@ -4,9 +4,6 @@ one is planted, and a short coverage-guided run (atheris) finds nothing. A longe
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ import pytest
 from modelgate.exchange import Exchange
 
 from .fuzz.front_door import SEEDS, FuzzFailure, check_input
+from .fuzz.runner import short_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,27 +58,4 @@ def test_the_harness_catches_a_request_the_gateway_did_not_parse(
 
 @pytest.mark.fuzz
 def test_a_short_coverage_guided_run_finds_nothing(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i, seed in enumerate(SEEDS):
-        (corpus / f"seed{i}").write_bytes(b"\x00" + seed)
-    seconds = os.environ.get("MODELGATE_FUZZ_SECONDS", "20")
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "fuzz" / "fuzz_front_door.py"),
-            f"-max_total_time={seconds}",
-            "-max_len=2048",
-            "-seed=12345",
-            f"-artifact_prefix={tmp_path}/",
-            str(corpus),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=int(seconds) + 120,
-        cwd=ROOT,
-    )
-    tail = (run.stdout + run.stderr)[-3000:]
-    assert run.returncode == 0, tail
-    assert "Done" in tail and "runs in" in tail, tail
-    assert not list(tmp_path.glob("crash-*")), tail
+    short_run("fuzz_front_door.py", [b"\x00" + seed for seed in SEEDS], tmp_path)

@@ -9,6 +9,7 @@ import math
 import multiprocessing
 import os
 import queue
+import re
 import signal
 import sys
 import time
@@ -32,6 +33,7 @@ from modelgate.bench_config import (
 )
 from modelgate.bench_report import BenchReport, Recorder, build_report, format_report
 from modelgate.bench_traffic import Driver, Share
+from modelgate.feedback_tokens import UNIT_SECRET_ENV
 
 __all__ = [
     "BenchConfig",
@@ -386,6 +388,9 @@ def run_from_args(ns: argparse.Namespace) -> int:
         config = config_from_args(ns, progress=sys.stderr.isatty())
         if config.body_file is not None and not Path(config.body_file).is_file():
             raise ValueError(f"--body-file: no such file: {config.body_file}")
+        secret = os.environ.get(UNIT_SECRET_ENV, "")
+        if config.feedback and secret and not re.fullmatch(r"[!-~]+", secret):
+            raise ValueError(f"{UNIT_SECRET_ENV}: must be visible ASCII without spaces")
     except ValueError as exc:
         print(f"modelgate bench: error: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from modelgate.bench_config import (
     split_url,
 )
 from modelgate.bench_report import Recorder
+from modelgate.feedback_tokens import UNIT_SECRET_ENV
 
 __all__ = ["Driver", "FeedbackPoster", "RequestFactory", "Share"]
 
@@ -117,8 +118,11 @@ class FeedbackPoster:
             parts = urlsplit(config.url)
             url = f"http://{parts.netloc}{FEEDBACK_PATH}"
         host, port, host_header, target = split_url(url, "--feedback-url")
+        # A gateway with feedback.unit_secret takes feedback by unit only with the secret.
+        secret = os.environ.get(UNIT_SECRET_ENV)
         self.head = (
             f"POST {target} HTTP/1.1\r\nhost: {host_header}\r\ncontent-type: application/json\r\n"
+            + (f"authorization: Bearer {secret}\r\n" if secret else "")
         ).encode("latin-1")
         self.counts = recorder.feedback
         self.rng = rng

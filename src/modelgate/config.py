@@ -34,7 +34,9 @@ __all__ = [
     "ExperimentSpec",
     "ForceSpec",
     "GatewayConfig",
+    "FeedbackSpec",
     "LimitsSpec",
+    "MetricSpec",
     "RESTART_ONLY_KEYS",
     "RouteSpec",
     "ShadowSpec",
@@ -654,8 +656,47 @@ class ForceSpec(_Strict):
 RESTART_ONLY_KEYS = ("listen", "admin", "admin_token", "admin_token_file", "admin_hosts", "workers")
 
 
+class MetricSpec(_Strict):
+    """A declared feedback metric (the key is its name): values outside [min, max] are
+    refused, so one bad post cannot drag a mean; issue 13 adds its kind here."""
+
+    min: float | None = Field(None, allow_inf_nan=False)
+    max: float | None = Field(None, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MetricSpec:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min:g}) is above max ({self.max:g})")
+        return self
+
+
+_SECRET = re.compile(r"[!-~]{16,512}")
+
+
+def _secret_text(value: str, what: str) -> str:
+    if not _SECRET.fullmatch(value):
+        raise ValueError(
+            f"{what} must be 16 to 512 visible ASCII characters (no spaces), "
+            f"got {len(value)} characters"
+        )
+    return value
+
+
+def read_secret_file(path: str) -> str:
+    """A secret kept in a file (one line; surrounding whitespace ignored); ValueError names
+    what is wrong with it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text") from exc
+    return _secret_text(text, f"the secret in {path}")
+
+
 class FeedbackSpec(_Strict):
-    """Outcomes posted back to the gateway (POST `path` on the main listener)."""
+    """Outcomes posted back to the gateway (POST `path` on the main listener), and what a
+    post must show before it is believed (see SECURITY-feedback.md)."""
 
     enabled: bool = True
     path: str = "/_modelgate/feedback"
@@ -664,11 +705,53 @@ class FeedbackSpec(_Strict):
     # Requests remembered for `{"request_id": ...}` feedback: bounded in count and age.
     request_id_ttl_s: float = Field(3600.0, gt=0)
     max_request_ids: int = Field(200_000, ge=0)
+    # Declared metrics: any other name is refused (400 unknown_metric). Without any, names
+    # are accepted up to max_undeclared_metrics distinct ones per process.
+    metrics: dict[Annotated[str, Field(pattern=_METRIC_NAME)], MetricSpec] = Field(
+        default_factory=dict
+    )
+    max_undeclared_metrics: int = Field(32, ge=0, le=1024)
+    # |value| above this is refused for every metric: sums of squares stay finite.
+    max_abs_value: float = Field(1e12, gt=0, le=1e100, allow_inf_nan=False)
+    # The key of the x-modelgate-feedback tokens (MODELGATE_FEEDBACK_SECRET overrides);
+    # without one, a key is generated at start, shared by the workers.
+    secret: str | None = None
+    secret_file: str | None = None
+    require_token: bool = False  # feedback by request id must carry the response's token
+    # Feedback by unit needs this secret in unit_secret_header (MODELGATE_FEEDBACK_UNIT_SECRET
+    # overrides); `authorization` takes `Bearer <secret>`, any other header the bare secret.
+    unit_secret: str | None = None
+    unit_secret_file: str | None = None
+    unit_secret_header: str = Field("authorization", pattern=_HEADER_NAME.pattern)
 
     @field_validator("path")
     @classmethod
     def _absolute(cls, value: str) -> str:
         return _absolute_path(value)
+
+    @field_validator("secret", "unit_secret")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        return None if value is None else _secret_text(value, "a secret")
+
+    @field_validator("secret_file", "unit_secret_file")
+    @classmethod
+    def _secret_file(cls, value: str | None) -> str | None:
+        if value is not None:
+            read_secret_file(value)
+        return value
+
+    @field_validator("unit_secret_header")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FeedbackSpec:
+        for key in ("secret", "unit_secret"):
+            if getattr(self, key) is not None and getattr(self, f"{key}_file") is not None:
+                raise ValueError(f"give {key} or {key}_file, not both")
+        return self
 
 
 class ExposureSpec(_Strict):
@@ -895,6 +978,7 @@ def _experiment_errors(
             errors.append(f"{where}.segments[{g_index}].weights: all zero")
     if (experiment.layer is None) != (experiment.layer_share is None):
         errors.append(f"{where}: layer and layer_share go together")
+    errors.extend(_metric_reference_errors(config, experiment, where))
     canary = experiment.canary
     if canary is not None:
         for key in ("baseline", "candidate"):
@@ -918,6 +1002,29 @@ def _experiment_errors(
                 f"(variants: {names})"
             )
     return errors
+
+
+def _metric_reference_errors(
+    config: GatewayConfig, experiment: ExperimentSpec, where: str
+) -> list[str]:
+    """With metrics declared, canary checks and analysis settings must name declared ones:
+    feedback with any other name is refused, so such a check could never pass."""
+    declared = config.feedback.metrics
+    if not declared:
+        return []
+    names = ", ".join(sorted(declared))
+    named = [(f"{where}.analysis.mde.{m}", m) for m in experiment.analysis.mde]
+    if experiment.canary is not None:
+        named += [
+            (f"{where}.canary.checks[{i}].metric", check.metric)
+            for i, check in enumerate(experiment.canary.checks or ())
+            if not check.is_system
+        ]
+    return [
+        f"{key}: unknown feedback metric {metric!r} (feedback.metrics declares {names})"
+        for key, metric in named
+        if metric not in declared
+    ]
 
 
 def _layer_errors(config: GatewayConfig) -> list[str]:

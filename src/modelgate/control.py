@@ -175,6 +175,7 @@ class ControlPlane:
         if isinstance(raw, dict) and raw.get("admin_token") == REDACTED:
             # A config fetched from GET /config comes back with the token hidden: keep ours.
             raw = {**raw, "admin_token": self.config.admin_token}
+        raw = _restore_feedback_secrets(raw, self.config)
         try:
             config = validate_config(raw)
         except ConfigError as exc:
@@ -335,6 +336,9 @@ class ControlPlane:
         raw = self.config.model_dump(mode="json")
         if raw.get("admin_token") is not None:
             raw["admin_token"] = REDACTED
+        for key in _FEEDBACK_SECRETS:
+            if raw["feedback"].get(key) is not None:
+                raw["feedback"][key] = REDACTED
         return raw
 
     def file_state(self) -> dict[str, Any]:
@@ -390,6 +394,20 @@ class ControlPlane:
 
     def ready(self) -> bool:
         return not self.draining and self.target.ready()
+
+
+_FEEDBACK_SECRETS = ("secret", "unit_secret")
+
+
+def _restore_feedback_secrets(raw: Any, running: GatewayConfig) -> Any:
+    """The feedback secrets GET /config hid, put back from the running config."""
+    feedback = raw.get("feedback") if isinstance(raw, dict) else None
+    if not isinstance(feedback, dict):
+        return raw
+    hidden = {
+        k: getattr(running.feedback, k) for k in _FEEDBACK_SECRETS if feedback.get(k) == REDACTED
+    }
+    return {**raw, "feedback": {**feedback, **hidden}} if hidden else raw
 
 
 def _restart_message(key: str, running: GatewayConfig, new: GatewayConfig) -> str:

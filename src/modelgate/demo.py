@@ -123,6 +123,8 @@ def gateway_config(run: DemoRun, gateway_port: int, admin_port: int) -> dict[str
         "listen": f"127.0.0.1:{gateway_port}",
         "admin": f"127.0.0.1:{admin_port}",
         "log_dir": str(run.log_dir),
+        # The one outcome the demo posts: any other name is refused.
+        "feedback": {"metrics": {"correct": {"min": 0, "max": 1}}},
         "upstreams": {name: {"url": url, "timeout_ms": 5000} for name, url in urls.items()},
         "routes": [
             {

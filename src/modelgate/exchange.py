@@ -16,6 +16,7 @@ import httptools
 import orjson
 
 from modelgate.chaos import mutate_json
+from modelgate.core import xxh64
 from modelgate.exposure import FLAG_ENROLLED, FLAG_FORCED
 from modelgate.faults import Throttle
 from modelgate.http11 import (
@@ -27,6 +28,7 @@ from modelgate.http11 import (
     status_line,
 )
 from modelgate.outcomes import FeedbackError
+from modelgate.request_ids import new_request_id
 from modelgate.unit import cookie_value, json_field, query_value
 
 if TYPE_CHECKING:
@@ -58,27 +60,6 @@ _UPSTREAM_FAILURE_STATUS = {
 
 # RFC 9110 §9.2.2: a request of these methods may be sent again after a failure.
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-
-_REQUEST_ID_PREFIX = os.urandom(6).hex().encode()
-_request_counter = 0
-
-
-def _reseed_request_ids() -> None:
-    # Forked workers must not share the parent's prefix, or their ids would collide.
-    global _REQUEST_ID_PREFIX, _request_counter
-    _REQUEST_ID_PREFIX = os.urandom(6).hex().encode()
-    _request_counter = 0
-
-
-os.register_at_fork(after_in_child=_reseed_request_ids)
-
-
-def _new_request_id() -> bytes:
-    # A random per-process prefix and a counter: unique across workers and restarts, and
-    # ~10x cheaper than uuid4 on the request path.
-    global _request_counter
-    _request_counter += 1
-    return b"%s-%x" % (_REQUEST_ID_PREFIX, _request_counter)
 
 
 class Exchange:
@@ -136,6 +117,7 @@ class Exchange:
         "body_waiter",
         "pools",
         "variant_line",
+        "feedback_line",
         "buffering",
         "model_held",
     )
@@ -192,6 +174,7 @@ class Exchange:
         self.body_waiter: Callable[[], None] | None = None  # runs when the body is complete
         self.pools: dict[str, UpstreamPool] = {}  # the pools of the Plan read at start
         self.variant_line = b""  # the x-modelgate-variant header line, when one applies
+        self.feedback_line = b""  # the x-modelgate-feedback token line, when one applies
         self.buffering = False  # reading the body whole before taking an upstream connection
         self.model_held = 0  # body bytes held for a model fault
 
@@ -283,7 +266,7 @@ class Exchange:
         self.pools = self.client.gateway.registry.pools
         self.started_at = self.client.gateway.loop.time()
         rid = self.client_request_id
-        self.request_id = rid if rid is not None and is_valid_request_id(rid) else _new_request_id()
+        self.request_id = rid if rid is not None and is_valid_request_id(rid) else new_request_id()
         if self.reject is not None:
             self.keep_alive = False
             self.fail(*self.reject)
@@ -482,13 +465,15 @@ class Exchange:
     def _tag_headers(self) -> bytes:
         route = self.route
         if self.chaos is None and route is not None:
-            return route.route_header + self.variant_line  # the common case: no join
+            # The common case: no join.
+            return route.route_header + self.variant_line + self.feedback_line
         return b"".join(
             (
                 route.route_header if route is not None else b"",
                 b"x-modelgate-variant: " + self.variant_header + b"\r\n"
                 if self.variant_header
                 else b"",
+                self.feedback_line,
                 self._chaos_header(),
             )
         )
@@ -537,12 +522,7 @@ class Exchange:
         self.variant_header = names[0] if len(names) == 1 else b",".join(names)
         self.variant_line = b"x-modelgate-variant: " + self.variant_header + b"\r\n"
         if plan.remember_requests:
-            self.client.gateway.outcomes.remember(
-                self.request_id,
-                tuple(self.assignments),
-                self.client.gateway.loop.time(),
-                plan.config.feedback,
-            )
+            self._remember(plan, unit, tuple(self.assignments))
         return unit, upstream
 
     def _assign_plain(
@@ -562,10 +542,24 @@ class Exchange:
         if plan.exposures:
             outcomes.expose(plan, self.request_id, unit, record[0], record[1], FLAG_ENROLLED)
         if plan.remember_requests:
-            outcomes.remember(
-                self.request_id, (record,), self.client.gateway.loop.time(), plan.config.feedback
-            )
+            self._remember(plan, unit, (record,))
         return unit, variant.upstream if variant.routes_traffic else None
+
+    def _remember(
+        self, plan: Plan, unit: str | None, assignments: tuple[tuple[str, str, bool], ...]
+    ) -> None:
+        """Keeps the request for feedback by its id, and hands the client the token that
+        proves, in that feedback, that it got this very response (issue 12)."""
+        unit_hash = xxh64(unit.encode("utf-8")) if unit else 0
+        self.client.gateway.outcomes.remember(
+            self.request_id,
+            assignments,
+            self.client.gateway.loop.time(),
+            plan.config.feedback,
+            unit_hash,
+        )
+        token = plan.feedback_keys.token(self.request_id, unit_hash, self.variant_header)
+        self.feedback_line = b"x-modelgate-feedback: " + token + b"\r\n"
 
     def _unit_or_fallback(self, route: CompiledRoute) -> str | None:
         unit = self._unit()
@@ -648,9 +642,13 @@ class Exchange:
             self._wait_for_body(lambda: self._feedback(plan))
             return
         gateway = self.client.gateway
+        keys = plan.feedback_keys
         try:
             result = gateway.outcomes.handle_feedback(
-                b"".join(self.body_chunks), plan, gateway.loop.time()
+                b"".join(self.body_chunks),
+                plan,
+                gateway.loop.time(),
+                keys.credential(self._header(keys.unit_header)),
             )
         except FeedbackError as exc:
             self.fail(exc.status, exc.code, exc.detail)

@@ -57,6 +57,7 @@ GATEWAY_SET_REQUEST_HEADERS: frozenset[bytes] = HOP_BY_HOP | frozenset(
         b"x-forwarded-host",
         b"x-modelgate-variant",
         b"x-modelgate-shadow",
+        b"x-modelgate-feedback",
     }
 )
 
@@ -67,6 +68,7 @@ GATEWAY_SET_RESPONSE_HEADERS: frozenset[bytes] = HOP_BY_HOP | frozenset(
         b"x-request-id",
         b"x-modelgate-route",
         b"x-modelgate-variant",
+        b"x-modelgate-feedback",
     }
 )
 

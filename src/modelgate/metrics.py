@@ -54,7 +54,8 @@ _FAMILY = {
     "feedback": (
         "modelgate_feedback",
         "Feedback by result: accepted (items), counted (values added to a variant's "
-        "statistics), bad and unknown_request_id (posts refused)",
+        "statistics), bad, unauthorized, unknown_request_id and ambiguous_request_id (posts "
+        "refused), request_id_collisions (an id reused by another unit or variant)",
     ),
     "log_records": (
         "modelgate_log_records",

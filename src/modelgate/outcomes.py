@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import re
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ import orjson
 
 from modelgate.core import xxh64
 from modelgate.exposure import ExposureLog
+from modelgate.feedback_checks import FeedbackError, MetricGate
+from modelgate.feedback_tokens import Credential
 from modelgate.feedbacklog import FLAG_BY_REQUEST_ID, FLAG_ENROLLED, FeedbackLog
 from modelgate.logretention import retention_of
 from modelgate.telemetry import LATENCY_BUCKETS_S
@@ -33,12 +34,11 @@ __all__ = [
     "FeedbackError",
     "Moments",
     "OutcomeStore",
+    "assignment_bytes",
     "experiment_designs",
     "latency_quantile",
     "merge_snapshots",
 ]
-
-_METRIC = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 
 
 class Moments:
@@ -132,15 +132,10 @@ def latency_quantile(buckets: list[int], q: float) -> float:
     return LATENCY_BUCKETS_S[-1]
 
 
-class FeedbackError(Exception):
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
-
-
 Assignments = tuple[tuple[str, str, bool], ...]  # (experiment, variant, enrolled)
+# A remembered request: when, its assignments (None once a second request claimed the same
+# id for another unit or variant: the join is ambiguous), and the XXH64 of its unit.
+Remembered = tuple[float, Assignments | None, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +147,20 @@ class _Item:
     value: float
     unit_hash: int  # xxh64 of the unit for feedback by unit, else 0
     request_id: bytes  # for feedback by request id, else b""
+
+
+_KEYS = frozenset({"metric", "value", "experiment", "unit", "request_id", "token"})
+_REFUSALS = {
+    401: "unauthorized",
+    403: "unauthorized",
+    404: "unknown_request_id",
+    409: "ambiguous_request_id",
+}
+
+
+def assignment_bytes(assignments: Assignments) -> bytes:
+    """The assignments as the x-modelgate-variant header says them (what a token covers)."""
+    return ",".join(f"{e}={v}" for e, v, _ in assignments).encode("utf-8")
 
 
 def experiment_designs(config: GatewayConfig) -> dict[str, dict[str, Any]]:
@@ -182,7 +191,8 @@ class OutcomeStore:
         self.exposures: ExposureLog | None = None  # opened on the first exposure
         self.feedback_log: FeedbackLog | None = None  # opened on the first feedback
         self._described: GatewayConfig | None = None  # the config the logs' meta describes
-        self.recent: OrderedDict[bytes, tuple[float, Assignments]] = OrderedDict()
+        self.recent: OrderedDict[bytes, Remembered] = OrderedDict()
+        self.metrics = MetricGate()
         self._inserts = 0
         self.outcomes: dict[tuple[str, str, str], Moments] = {}
         self.system: dict[tuple[str, str], VariantSystem] = {}
@@ -191,10 +201,27 @@ class OutcomeStore:
     # --- the request path ----------------------------------------------------------------
 
     def remember(
-        self, request_id: bytes, assignments: Assignments, now: float, spec: FeedbackSpec
+        self,
+        request_id: bytes,
+        assignments: Assignments,
+        now: float,
+        spec: FeedbackSpec,
+        unit_hash: int = 0,
     ) -> None:
+        """Keeps a request's assignments for feedback by its id. A live id claimed again
+        for another unit or other assignments (a client-chosen x-request-id) is marked
+        ambiguous rather than overwritten: its feedback is refused, never misattributed."""
         recent = self.recent
-        recent[request_id] = (now, assignments)
+        found = recent.get(request_id)
+        if found is not None:
+            if found[0] >= now - spec.request_id_ttl_s:
+                if found[1] != assignments or found[2] != unit_hash:
+                    if found[1] is not None:
+                        self.counts["request_id_collisions"] += 1
+                    recent[request_id] = (found[0], None, 0)
+                return
+            del recent[request_id]  # expired: the new request takes the id, at the young end
+        recent[request_id] = (now, assignments, unit_hash)
         if len(recent) > spec.max_request_ids:
             recent.popitem(last=False)
         self._inserts += 1
@@ -259,10 +286,13 @@ class OutcomeStore:
 
     # --- feedback ----------------------------------------------------------------------
 
-    def handle_feedback(self, body: bytes, plan: Plan, now: float) -> dict[str, Any]:
+    def handle_feedback(
+        self, body: bytes, plan: Plan, now: float, credential: Credential = Credential.NONE
+    ) -> dict[str, Any]:
         """Validates a feedback document (one object or a list) and records it all, or
-        nothing: raises FeedbackError (400 bad input, 404 unknown or expired request id,
-        413 too many items, 422 a unit outside the experiment)."""
+        nothing: raises FeedbackError (400 bad input, 401/403 a missing or wrong secret or
+        token, 404 unknown or expired request id, 409 an ambiguous request id, 413 too many
+        items, 422 a unit outside the experiment)."""
         spec = plan.config.feedback
         try:
             document = orjson.loads(body)
@@ -279,13 +309,15 @@ class OutcomeStore:
             self.counts["bad"] += 1
             raise FeedbackError(400, "bad_feedback", "an empty batch")
         resolved: list[_Item] = []
+        pending: set[str] = set()
         for index, item in enumerate(items):
             where = f"[{index}]" if isinstance(document, list) else ""
             try:
-                resolved.append(self._resolve(item, plan, now))
+                resolved.append(self._resolve(item, plan, now, credential, pending))
             except FeedbackError as exc:
-                self.counts["unknown_request_id" if exc.status == 404 else "bad"] += 1
+                self.counts[_REFUSALS.get(exc.status, "bad")] += 1
                 raise FeedbackError(exc.status, exc.code, f"{where}{exc.detail}") from None
+        self.metrics.commit(pending)
         counted = 0
         log = self._feedback_log(plan) if plan.exposures else None
         for found in resolved:
@@ -323,38 +355,41 @@ class OutcomeStore:
             self._describe(plan.config)
         return log
 
-    def _resolve(self, item: Any, plan: Plan, now: float) -> _Item:
+    def _resolve(
+        self, item: Any, plan: Plan, now: float, credential: Credential, pending: set[str]
+    ) -> _Item:
         if not isinstance(item, dict):
             raise FeedbackError(400, "bad_feedback", "each item must be a JSON object")
-        metric = item.get("metric")
-        if not isinstance(metric, str) or not _METRIC.match(metric):
-            raise FeedbackError(
-                400, "bad_feedback", f"metric must be a name like 'clicked', got {metric!r}"
-            )
-        value = item.get("value")
-        if isinstance(value, bool):
-            value = 1.0 if value else 0.0
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise FeedbackError(
-                400, "bad_feedback", f"value must be a finite number, got {value!r}"
-            )
-        known = {"metric", "value", "experiment", "unit", "request_id"}
-        extra = sorted(set(item) - known)
+        spec = plan.config.feedback
+        extra = sorted(set(item) - _KEYS)
         if extra:
             raise FeedbackError(400, "bad_feedback", f"unknown keys {extra}")
+        metric = self.metrics.metric(spec, item, pending)
+        value = self.metrics.value(spec, metric, item)
         if "request_id" in item:
             rid = item["request_id"]
             if not isinstance(rid, str) or not rid:
                 raise FeedbackError(400, "bad_feedback", "request_id must be a string")
-            found = self.recent.get(rid.encode("ascii", "replace"))
-            ttl = plan.config.feedback.request_id_ttl_s
-            if found is None or found[0] < now - ttl:
+            request_id = rid.encode("ascii", "replace")
+            return _Item(
+                self._joined(request_id, item, plan, now, credential), metric, value, 0, request_id
+            )
+        if "token" in item:
+            raise FeedbackError(400, "bad_feedback", "token goes with request_id")
+        if plan.feedback_keys.unit_secret is not None and credential is not Credential.VALID:
+            # Only feedback by unit asks for the secret: an unrelated Authorization header
+            # on feedback by request id is no reason to refuse it.
+            if credential is Credential.WRONG:
                 raise FeedbackError(
-                    404,
-                    "unknown_request_id",
-                    f"request {rid!r} is unknown or older than {ttl:g} s (or had no experiment)",
+                    403,
+                    "bad_unit_secret",
+                    f"the {spec.unit_secret_header} header is not the secret",
                 )
-            return _Item(found[1], metric, float(value), 0, rid.encode("ascii", "replace"))
+            raise FeedbackError(
+                401,
+                "unit_secret_required",
+                f"feedback by unit needs the secret in the {spec.unit_secret_header} header",
+            )
         experiment_name = item.get("experiment")
         unit = item.get("unit")
         if not isinstance(experiment_name, str) or not isinstance(unit, (str, int)):
@@ -377,10 +412,51 @@ class OutcomeStore:
         return _Item(
             ((experiment_name, variant, assignment.enrolled),),
             metric,
-            float(value),
+            value,
             xxh64(str(unit).encode("utf-8")),
             b"",
         )
+
+    def _joined(
+        self, request_id: bytes, item: dict[str, Any], plan: Plan, now: float, cred: Credential
+    ) -> Assignments:
+        """The assignments of a remembered request, once its token (when given, or
+        required) proves the poster got that very response."""
+        ttl = plan.config.feedback.request_id_ttl_s
+        rid = item["request_id"]  # as posted, for the messages
+        found = self.recent.get(request_id)
+        if found is None or found[0] < now - ttl:
+            raise FeedbackError(
+                404,
+                "unknown_request_id",
+                f"request {rid!r} is unknown or older than {ttl:g} s (or had no experiment)",
+            )
+        assignments = found[1]
+        if assignments is None:
+            raise FeedbackError(
+                409,
+                "ambiguous_request_id",
+                f"request id {rid!r} was sent by more than one unit or variant; "
+                "its feedback cannot be joined",
+            )
+        keys = plan.feedback_keys
+        token = item.get("token")
+        if token is None:
+            if keys.require_token and cred is not Credential.VALID:
+                raise FeedbackError(
+                    403,
+                    "token_required",
+                    "feedback by request id needs the response's x-modelgate-feedback token "
+                    '(as "token")',
+                )
+            return assignments
+        if not isinstance(token, str) or not keys.token_matches(
+            token, request_id, found[2], assignment_bytes(assignments)
+        ):
+            raise FeedbackError(
+                403, "bad_token", f"the token is not the one issued for request {rid!r}"
+            )
+        return assignments
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from modelgate.config import (
     ChaosRule,
     CompareSpec,
     ExperimentSpec,
+    FeedbackSpec,
     GatewayConfig,
     LimitsSpec,
     RouteSpec,
@@ -24,6 +25,7 @@ from modelgate.config import (
     route_experiments,
 )
 from modelgate.core import Layer, VariantTable
+from modelgate.feedback_tokens import FeedbackKeys, feedback_keys
 from modelgate.targeting import Targeting, compile_targeting
 from modelgate.unit import UnitSource, parse_unit_sources
 
@@ -147,6 +149,8 @@ class Plan:
     feedback_path: bytes | None = None  # None: feedback disabled
     exposures: bool = True
     remember_requests: bool = True  # keep recent request ids for feedback by request id
+    # Who may post feedback (secrets: never shown); compile_plan reads them from the config.
+    feedback_keys: FeedbackKeys = field(default_factory=lambda: feedback_keys(FeedbackSpec()))
 
     def match(
         self, method: bytes, path: bytes, headers: Sequence[tuple[bytes, bytes, bytes]]
@@ -309,4 +313,5 @@ def compile_plan(config: GatewayConfig, version: int = 1) -> Plan:
         feedback_path=config.feedback.path.encode("utf-8") if config.feedback.enabled else None,
         exposures=config.exposures.enabled,
         remember_requests=config.feedback.enabled and config.feedback.max_request_ids > 0,
+        feedback_keys=feedback_keys(config.feedback),
     )

@@ -228,7 +228,7 @@ class FrontDoor:
     """A Gateway whose upstream connections are in memory; `run(chunks)` sends one client's
     bytes (as separate reads), then checks the properties."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.loop = uvloop.new_event_loop()
         self.errors: list[dict[str, Any]] = []
         self.loop.set_exception_handler(lambda _, context: self.errors.append(context))
@@ -237,7 +237,7 @@ class FrontDoor:
         # Keyed by the objects, which stay alive for the input (an id() could be reused).
         self.started: dict[bytes, Exchange] = {}  # request id -> the exchange started
         self.bodies: dict[Exchange, bytearray] = {}  # exchange -> the body bytes it parsed
-        plan = compile_plan(validate_config(CONFIG))
+        plan = compile_plan(validate_config(CONFIG if config is None else config))
         self.gateway = self.loop.run_until_complete(self._gateway(plan))
 
     async def _gateway(self, plan: Any) -> Gateway:

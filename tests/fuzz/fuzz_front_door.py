@@ -7,18 +7,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import atheris
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-with atheris.instrument_imports(include=["modelgate"]):
-    from tests.fuzz.front_door import check_input
-
-
-def test_one_input(data: bytes) -> None:
-    check_input(data)
-
+from tests.fuzz.runner import fuzz_main  # noqa: E402
 
 if __name__ == "__main__":
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    fuzz_main("tests.fuzz.front_door")
