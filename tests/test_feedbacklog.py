@@ -90,3 +90,25 @@ def test_a_write_error_is_counted_not_raised(tmp_path: Path) -> None:
     log.add(b"r", 1, "e", "v", 1)
     log.close()
     assert log.write_errors == 1 and log.dropped["write_error"] == 1
+
+
+def test_an_exposure_log_opened_after_the_feedback_log_is_described_too(tmp_path: Path) -> None:
+    """Feedback by unit can come before any request; the exposure log opened later under the
+    same config must still carry the experiments' design (it once stayed without)."""
+
+    @async_test
+    async def run() -> None:
+        config = ab_config(log_dir=str(tmp_path))
+        async with gateway_stack(config, MOCKS) as stack, aiohttp.ClientSession() as session:
+            item = {"experiment": "ranker", "unit": "bob", "metric": "rating", "value": 1}
+            async with session.post(stack.url + FEEDBACK, json=[item]) as response:
+                assert response.status == 202
+            async with session.post(
+                stack.url + "/predict", json={}, headers={"x-user-id": "alice"}
+            ) as response:
+                assert response.status == 200
+
+    run()
+    (file,) = tmp_path.glob("exposure-*.bin")
+    sidecar = json.loads(file.with_suffix(".json").read_text())
+    assert sidecar["meta"]["experiments"]["ranker"]["variants"] == ["control", "candidate"]

@@ -245,6 +245,7 @@ class OutcomeStore:
         if log is None:
             log = self.exposures = ExposureLog(plan.config.log_dir)
             log.start()
+            self._described = None  # a feedback log may have been described without this one
         if plan.config is not self._described:
             self._describe(plan.config)
         log.add(request_id, xxh64(unit.encode("utf-8")) if unit else 0, experiment, variant, flags)
