@@ -13,24 +13,12 @@ from modelgate.exchange import Exchange
 from .fuzz.front_door import SEEDS, FuzzFailure, check_input
 from .fuzz.runner import short_run
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# Inputs the fuzzer found, kept so that they replay on every run.
-# Inputs the fuzzer found (tests/fuzz/found/front_door-*), replayed on every run; each
-# file's name says what it found.
-FOUND = sorted((ROOT / "tests" / "fuzz" / "found").glob("front_door-*"))
-
 
 @pytest.mark.parametrize("split", range(8))
 @pytest.mark.parametrize("seed", range(len(SEEDS)))
 def test_seed_inputs_hold_every_property(seed: int, split: int) -> None:
     out = check_input(bytes([split]) + SEEDS[seed])
     assert out.startswith(b"HTTP/1.1 ")
-
-
-@pytest.mark.parametrize("found", FOUND, ids=lambda path: path.name)
-def test_inputs_the_fuzzer_found_hold_every_property(found: Path) -> None:
-    assert check_input(found.read_bytes()).startswith(b"HTTP/1.1 ")
 
 
 def test_the_harness_catches_a_length_forwarded_without_its_bytes(
