@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -10,7 +11,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -289,13 +290,28 @@ def test_an_unusable_log_dir_counts_errors_and_recovers(tmp_path: Path) -> None:
     assert writer.stats()["written"] == 5
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
-def test_a_read_only_log_dir_does_not_raise(tmp_path: Path) -> None:
-    tmp_path.chmod(0o500)
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[Path]:
+    """A directory nobody may write to: mode 0500, or for root (who writes through modes) a
+    read-only tmpfs mounted on it."""
+    if os.geteuid() != 0:
+        path.chmod(0o500)
+        try:
+            yield path
+        finally:
+            path.chmod(0o700)
+        return
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], check=True)
     try:
-        writer = write(tmp_path, [job(0)])
+        yield path
     finally:
-        tmp_path.chmod(0o700)
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_read_only_log_dir_does_not_raise(tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    with read_only(tmp_path / "logs") as log_dir:
+        writer = write(log_dir, [job(0)])
     assert writer.stats()["write_errors"] >= 1
     assert writer.stats()["dropped"] == {"write_error": 1}
 
