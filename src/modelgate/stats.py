@@ -24,6 +24,7 @@ from ._stats_tests import (
     srm_test,
     welch_test,
 )
+from ._stats_units import UnitStats
 
 __all__ = [
     "MannWhitneyAlternative",
@@ -32,6 +33,7 @@ __all__ = [
     "ProportionResult",
     "SRMResult",
     "SummaryStats",
+    "UnitStats",
     "WelchResult",
     "benjamini_hochberg",
     "holm",
