@@ -1,0 +1,179 @@
+"""The embedded SQL engine of the analysis (issue 13): DuckDB groups the exposure and feedback
+records per unit, then per variant over units, in one query per experiment (the text is in
+modelgate.analysis_sql); modelgate.stats does the statistics on what it returns.
+
+The engine reads either a log directory (every worker's record files, via Arrow, without a
+copy of the columns) or a Parquet roll-up of them (modelgate.analysis_load.write_parquet),
+through the same SQL. The records hold no status or latency, so the gateway's error rate and
+latency per request are not among the metrics here: the exposure format would have to grow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from modelgate.analysis_load import load_tables
+from modelgate.analysis_sql import experiment_query, quote
+from modelgate.stats import UnitStats
+
+__all__ = ["AnalysisEngine", "AnalysisError", "ExperimentUnits"]
+
+
+class AnalysisError(ValueError):
+    """A bad input to the engine (a missing directory, an unknown experiment); the message
+    names it."""
+
+
+@dataclass(frozen=True)
+class ExperimentUnits:
+    """What the query returns for one experiment, per variant (every variant of the design,
+    with zeros where no unit came). `exposures[v]`: x = exposures per unit (y unused), so
+    `.count` is the SRM input; `metrics[(metric, denominator)][v]`: x = the unit's sum of the
+    metric, y = its exposures (`"exposures"`), its number of values (`"values"`) or another
+    metric's sum (that metric's name); `values[metric][v]`: values counted; `excluded[metric]`:
+    (units, values) that no enrolled exposure claims; `switched[v]`: units exposed to
+    several variants (they count in their first)."""
+
+    experiment: str
+    variants: list[str]
+    exposures: dict[str, UnitStats]
+    metrics: dict[tuple[str, str], dict[str, UnitStats]] = field(default_factory=dict)
+    values: dict[str, dict[str, int]] = field(default_factory=dict)
+    excluded: dict[str, tuple[int, int]] = field(default_factory=dict)
+    switched: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def units(self) -> dict[str, int]:
+        """Distinct enrolled units per variant: the sample-ratio check counts these."""
+        return {variant: stats.count for variant, stats in self.exposures.items()}
+
+
+def _stats(row: dict[str, Any]) -> UnitStats:
+    """SQL's avg/var_samp/covar_samp (NULL for one unit) as UnitStats."""
+    n = int(row["units"])
+    return UnitStats.from_moments(
+        n,
+        float(row["mean_x"] or 0.0),
+        float(row["mean_y"] or 0.0),
+        float(row["var_x"] or 0.0) * (n - 1),
+        float(row["var_y"] or 0.0) * (n - 1),
+        float(row["cov_xy"] or 0.0) * (n - 1),
+        nonzero_x=int(row["nonzero_x"] or 0),
+    )
+
+
+class AnalysisEngine:
+    """One DuckDB connection over `exposures` and `feedback`; `threads` bounds its cores."""
+
+    def __init__(
+        self,
+        connection: duckdb.DuckDBPyConnection,
+        designs: dict[str, dict[str, Any]],
+        source: str,
+    ) -> None:
+        self.connection = connection
+        self.designs = designs
+        self.source = source
+        self._known: list[str] | None = None
+
+    @staticmethod
+    def _connect(threads: int | None) -> duckdb.DuckDBPyConnection:
+        config: dict[str, str | bool | int | float | list[str]] = {}
+        if threads:
+            config["threads"] = threads
+        return duckdb.connect(":memory:", config=config)
+
+    @classmethod
+    def from_logs(cls, path: str | os.PathLike[str], threads: int | None = None) -> AnalysisEngine:
+        """Over the record files of a log directory (damaged parts skipped and logged)."""
+        if not Path(path).is_dir():
+            raise AnalysisError(f"{path}: not a directory")
+        tables = load_tables(path)
+        connection = cls._connect(threads)
+        connection.register("exposures", tables.exposures)
+        connection.register("feedback", tables.feedback)
+        return cls(connection, tables.designs, f"{tables.files} record files in {path}")
+
+    @classmethod
+    def from_parquet(
+        cls, path: str | os.PathLike[str], threads: int | None = None
+    ) -> AnalysisEngine:
+        """Over a Parquet roll-up (`exposures/` and `feedback/`, hive-partitioned)."""
+        root = Path(path)
+        if not (root / "exposures").is_dir():
+            raise AnalysisError(f"{path}: no Parquet roll-up here (no exposures/ directory)")
+        connection = cls._connect(threads)
+        for name in ("exposures", "feedback"):
+            files = quote(str(root / name / "**" / "*.parquet"))
+            if any((root / name).glob("**/*.parquet")):
+                connection.execute(
+                    f"CREATE VIEW {name} AS SELECT * FROM read_parquet({files}, "
+                    "hive_partitioning = true)"
+                )
+            else:  # an empty table of the right shape: no feedback yet is no error
+                connection.execute(f"CREATE TABLE {name} AS {_EMPTY[name]}")
+        designs: dict[str, dict[str, Any]] = {}
+        try:
+            designs = json.loads((root / "designs.json").read_text())
+        except (OSError, ValueError):
+            pass  # the experiments are still found in the records; only the order is lost
+        return cls(connection, designs, f"Parquet roll-up in {path}")
+
+    def experiments(self) -> list[str]:
+        """The experiments with a design or with exposure records, sorted."""
+        if self._known is None:
+            rows = self.connection.execute("SELECT DISTINCT experiment FROM exposures").fetchall()
+            self._known = sorted(set(self.designs) | {str(row[0]) for row in rows})
+        return self._known
+
+    def query(self, experiment: str, ratios: Sequence[tuple[str, str]] = ()) -> ExperimentUnits:
+        """Runs the experiment's query; `ratios`: (metric, denominator metric) pairs."""
+        if experiment not in self.experiments():
+            raise AnalysisError(
+                f"no experiment named {experiment!r} in {self.source} "
+                f"(found: {', '.join(self.experiments()) or 'none'})"
+            )
+        cursor = self.connection.execute(experiment_query(ratios), {"experiment": experiment})
+        columns = [d[0] for d in cursor.description or ()]
+        rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+        design = self.designs.get(experiment, {})
+        seen = sorted({str(r["variant"]) for r in rows if r["variant"] is not None})
+        variants = list(design.get("variants", [])) + [
+            v for v in seen if v not in design.get("variants", [])
+        ]
+        result = ExperimentUnits(experiment, variants, {v: UnitStats() for v in variants})
+        result.switched.update({v: 0 for v in variants})
+        for row in rows:
+            kind, variant, metric = row["kind"], row["variant"], row["metric"]
+            if kind == "units":
+                result.exposures[variant] = _stats(row)
+                result.switched[variant] = int(row["nonzero_x"])
+            elif kind == "excluded":
+                result.excluded[metric] = (int(row["units"]), int(row["n_values"]))
+            else:
+                key = (metric, row["denominator"])
+                per_variant = result.metrics.setdefault(key, {v: UnitStats() for v in variants})
+                per_variant[variant] = _stats(row)
+                counted = result.values.setdefault(metric, {v: 0 for v in variants})
+                counted[variant] = int(row["n_values"])
+        return result
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+_EMPTY = {
+    "exposures": "SELECT NULL::VARCHAR AS experiment, NULL::VARCHAR AS variant, "
+    "0::BIGINT AS ts_ns, 0::BIGINT AS unit_hash, 0::BIGINT AS rid_hi, 0::BIGINT AS rid_lo, "
+    "0::UTINYINT AS flags LIMIT 0",
+    "feedback": "SELECT NULL::VARCHAR AS experiment, NULL::VARCHAR AS variant, "
+    "NULL::VARCHAR AS metric, 0::BIGINT AS ts_ns, 0::BIGINT AS unit_hash, 0::BIGINT AS rid_hi, "
+    "0::BIGINT AS rid_lo, 0.0::DOUBLE AS value, 0::UTINYINT AS flags LIMIT 0",
+}

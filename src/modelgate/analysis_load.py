@@ -1,0 +1,175 @@
+"""The record files of a log directory as Arrow tables for the SQL engine, and their roll-up
+into Parquet partitioned by experiment and date (issue 13).
+
+Files are read by modelgate.recordfiles, so damaged ones are skipped with the same warnings
+as everywhere else. Each file becomes one chunk of each column: only the fields the query
+needs are copied out of the records (the file's array is then dropped, so the peak is the
+columns plus one file), and the names tables of every file merge into one dictionary per
+column, so experiment, variant and metric stay 2-byte ids (Arrow dictionary arrays) that
+DuckDB reads without a copy. Unit hashes and the request id's 16-byte tail are handed over
+as int64 (the same bits), which every warehouse can store.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from modelgate.exposure import EXPOSURE_DTYPE, EXPOSURE_NAMES
+from modelgate.feedbacklog import FEEDBACK_DTYPE, FEEDBACK_NAMES
+from modelgate.recordfiles import iter_record_files
+
+__all__ = ["EXPOSURE_COLUMNS", "FEEDBACK_COLUMNS", "RecordTables", "load_tables", "write_parquet"]
+
+# Plain columns (numeric fields, int64 where the record holds uint64 hashes); `rid_hi` and
+# `rid_lo` are the two halves of the request id's tail, `date` (UTC) only in Parquet.
+EXPOSURE_COLUMNS = ("experiment", "variant", "ts_ns", "unit_hash", "rid_hi", "rid_lo", "flags")
+FEEDBACK_COLUMNS = EXPOSURE_COLUMNS[:2] + ("metric",) + EXPOSURE_COLUMNS[2:-1] + ("value", "flags")
+_AS_INT64 = {"ts_ns", "unit_hash"}
+
+
+@dataclass
+class RecordTables:
+    """The exposures and feedback of a directory, and the experiments' designs found in the
+    sidecars (the newest file's design of each experiment wins)."""
+
+    exposures: pa.Table
+    feedback: pa.Table
+    designs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    files: int = 0
+
+
+class _Names:
+    """One dictionary per names table across files: a file's ids map to global ids."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.ids: dict[str, int] = {}
+
+    def remap(self, table: Sequence[str]) -> np.ndarray:
+        """file id -> global id, as an array to index with the file's id column."""
+        for name in table:
+            if name not in self.ids:
+                self.ids[name] = len(self.names)
+                self.names.append(name)
+        if len(self.names) > 1 << 16:
+            raise ValueError(f"more than {1 << 16} distinct names in one column of the logs")
+        return np.array([self.ids[name] for name in table] or [0], dtype=np.uint16)
+
+
+def _field(data: np.ndarray, name: str, dtype: Any = None, skip: int = 0) -> np.ndarray:
+    """One field of the records (from `skip` bytes into it) as a contiguous column,
+    optionally reinterpreted as `dtype`: one strided copy, no per-record Python."""
+    fields: Any = data.dtype.fields
+    kind = np.dtype(dtype or data.dtype[name])
+    offset = fields[name][1] + skip
+    view = np.ndarray(len(data), kind, buffer=data, offset=offset, strides=(data.itemsize,))
+    return np.ascontiguousarray(view)
+
+
+def _columns(
+    path: str | os.PathLike[str],
+    prefix: str,
+    dtype: np.dtype[Any],
+    tables: Mapping[str, str],
+    wanted: Sequence[str],
+    designs: dict[str, dict[str, Any]],
+) -> tuple[pa.Table, int]:
+    names = {column: _Names() for column in tables}
+    chunks: dict[str, list[np.ndarray]] = {column: [] for column in wanted}
+    files = 0
+    for _, data, sidecar in iter_record_files(path, prefix, dtype, tables):
+        files += 1
+        designs.update(sidecar.get("meta", {}).get("experiments", {}))
+        for column in wanted:
+            if column + "_id" in tables:
+                ids = _field(data, column + "_id")
+                remap = names[column + "_id"].remap(sidecar[tables[column + "_id"]])
+                chunks[column].append(remap[ids])
+            elif column in ("rid_hi", "rid_lo"):
+                skip = 8 if column == "rid_lo" else 0
+                chunks[column].append(_field(data, "request_id", "<i8", skip))
+            else:
+                chunks[column].append(_field(data, column, "<i8" if column in _AS_INT64 else None))
+        del data
+    arrays = []
+    for column in wanted:
+        if column + "_id" in tables:
+            dictionary = pa.array(names[column + "_id"].names, pa.string())
+            parts = [
+                pa.DictionaryArray.from_arrays(pa.array(c), dictionary) for c in chunks[column]
+            ]
+            kind: pa.DataType = pa.dictionary(pa.uint16(), pa.string())
+        else:
+            parts = [pa.array(c) for c in chunks[column]]
+            kind = parts[0].type if parts else pa.from_numpy_dtype(_empty_dtype(column, dtype))
+        arrays.append(pa.chunked_array(parts, type=kind))
+        chunks[column].clear()  # the Arrow arrays hold the memory now
+    return pa.table(arrays, names=list(wanted)), files
+
+
+def _empty_dtype(column: str, dtype: np.dtype[Any]) -> np.dtype[Any]:
+    if column in _AS_INT64 or column.startswith("rid_"):
+        return np.dtype("<i8")
+    return np.dtype(dtype[column])
+
+
+def load_tables(
+    path: str | os.PathLike[str], *, feedback_columns: Sequence[str] = FEEDBACK_COLUMNS
+) -> RecordTables:
+    """Every worker's exposure and feedback files of `path` as Arrow tables."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: not a directory")
+    designs: dict[str, dict[str, Any]] = {}
+    exposures, n = _columns(
+        path, "exposure", EXPOSURE_DTYPE, EXPOSURE_NAMES, EXPOSURE_COLUMNS, designs
+    )
+    feedback, m = _columns(  # designs as load_logs takes them: from the exposure files
+        path, "feedback", FEEDBACK_DTYPE, FEEDBACK_NAMES, feedback_columns, {}
+    )
+    return RecordTables(exposures, feedback, designs, n + m)
+
+
+def _with_date(table: pa.Table) -> pa.Table:
+    """Adds the UTC date of each record, the second partition key."""
+    import pyarrow.compute as pc
+
+    stamps = table.column("ts_ns").cast(pa.timestamp("ns", "UTC"))
+    return table.append_column("date", pc.cast(stamps, pa.date32()))
+
+
+def write_parquet(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, int]:
+    """Rolls the record files of `path` into `out/exposures` and `out/feedback`, Parquet files
+    partitioned by experiment and date (hive style: `experiment=NAME/date=YYYY-MM-DD`), and
+    the designs into `out/designs.json`. A partition written again is replaced whole, so a
+    roll-up can be redone; other partitions stay. Returns the records written per table."""
+    import json
+
+    import pyarrow.dataset as ds
+
+    tables = load_tables(path)
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, table in (("exposures", tables.exposures), ("feedback", tables.feedback)):
+        if table.num_rows:
+            ds.write_dataset(
+                _with_date(table),
+                target / name,
+                format="parquet",
+                partitioning=["experiment", "date"],
+                partitioning_flavor="hive",
+                existing_data_behavior="delete_matching",
+                basename_template="part-{i}.parquet",
+            )
+        written[name] = table.num_rows
+    designs = target / "designs.json"
+    known = json.loads(designs.read_text()) if designs.exists() else {}
+    designs.write_text(json.dumps({**known, **tables.designs}, indent=1, sort_keys=True))
+    return written

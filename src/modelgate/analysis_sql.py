@@ -1,0 +1,138 @@
+"""The text of the analysis query: per unit first, then per variant over units (issue 13).
+
+One query per experiment over two tables (or views) named `exposures` and `feedback`, with
+the columns that modelgate.analysis_load gives them (the record files' fields, names
+resolved, the request id's tail as two int64 halves, unit hashes as int64: the same bits as
+the records' uint64, so warehouses without unsigned types can hold them). Written in
+DuckDB's dialect; `for_dialect` translates it with sqlglot for a warehouse.
+
+The rows it returns (column `kind`):
+  units     per variant: enrolled units (the SRM input), x = exposures per unit,
+            nonzero_x = units whose enrolled exposures span several variants (a ramp or a
+            change of salt moved them; they stay in their first variant)
+  metric    per variant, metric and denominator: the moments over units of x (the unit's
+            sum of the metric) and y (its exposures, its number of values, or another
+            metric's sum); a unit without values has x = 0
+  excluded  per metric: values (and distinct units) that no enrolled exposure of the
+            experiment claims: units never exposed, request ids never seen
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["DIALECTS", "PARAMETER", "experiment_query", "for_dialect", "quote"]
+
+DIALECTS = ("bigquery", "snowflake", "clickhouse", "spark", "trino")
+PARAMETER = "$experiment"  # DuckDB's named parameter; a literal in printed queries
+
+_MOMENTS = """count(*) AS units,
+    avg(x) AS mean_x, avg(y) AS mean_y, var_samp(x) AS var_x, var_samp(y) AS var_y,
+    covar_samp(x, y) AS cov_xy, sum(CASE WHEN x <> 0 THEN 1 ELSE 0 END) AS nonzero_x,
+    sum(n) AS n_values"""
+
+_HEAD = """WITH ex AS (
+  SELECT unit_hash, variant, ts_ns, rid_hi, rid_lo, (flags & 1) = 1 AS enrolled
+  FROM exposures WHERE experiment = {experiment}
+),
+units AS (  -- a unit's variant is its first enrolled exposure's
+  SELECT unit_hash, arg_min(variant, ts_ns) AS variant, count(*) AS exposures,
+    CASE WHEN min(variant) <> max(variant) THEN 1 ELSE 0 END AS switched
+  FROM ex WHERE enrolled GROUP BY unit_hash
+),
+fb AS (
+  SELECT metric, unit_hash, rid_hi, rid_lo, value, (flags & 2) = 2 AS by_request
+  FROM feedback WHERE experiment = {experiment}
+),
+asked AS (SELECT DISTINCT rid_hi, rid_lo FROM fb WHERE by_request),
+request_units AS (  -- feedback by request id: the unit of that request's enrolled exposure
+  SELECT e.rid_hi, e.rid_lo, arg_min(e.unit_hash, e.ts_ns) AS unit_hash
+  FROM ex e JOIN asked a ON e.rid_hi = a.rid_hi AND e.rid_lo = a.rid_lo
+  WHERE e.enrolled GROUP BY e.rid_hi, e.rid_lo
+),
+attributed AS (
+  SELECT f.metric, CASE WHEN f.by_request THEN r.unit_hash ELSE f.unit_hash END AS unit_hash,
+    f.value
+  FROM fb f LEFT JOIN request_units r
+    ON f.by_request AND f.rid_hi = r.rid_hi AND f.rid_lo = r.rid_lo
+),
+unit_values AS (
+  SELECT unit_hash, metric, sum(value) AS x, count(*) AS n
+  FROM attributed GROUP BY unit_hash, metric
+),
+metrics AS (SELECT DISTINCT metric FROM unit_values),
+per_unit AS (
+  SELECT u.variant, u.unit_hash, u.exposures, m.metric, coalesce(v.x, 0) AS x,
+    coalesce(v.n, 0) AS n
+  FROM units u CROSS JOIN metrics m
+  LEFT JOIN unit_values v ON v.unit_hash = u.unit_hash AND v.metric = m.metric
+),
+per_variant AS (
+  SELECT variant, metric, count(*) AS units, avg(x) AS mean_x, var_samp(x) AS var_x,
+    avg(exposures) AS mean_e, var_samp(exposures) AS var_e, covar_samp(x, exposures) AS cov_xe,
+    avg(n) AS mean_n, var_samp(n) AS var_n, covar_samp(x, n) AS cov_xn,
+    sum(CASE WHEN x <> 0 THEN 1 ELSE 0 END) AS nonzero_x, sum(n) AS n_values
+  FROM per_unit GROUP BY variant, metric
+)
+SELECT 'units' AS kind, variant, NULL AS metric, NULL AS denominator, count(*) AS units,
+  avg(exposures) AS mean_x, NULL AS mean_y, var_samp(exposures) AS var_x, NULL AS var_y,
+  NULL AS cov_xy, sum(switched) AS nonzero_x, sum(exposures) AS n_values
+FROM units GROUP BY variant
+UNION ALL
+SELECT 'metric', variant, metric, 'exposures', units, mean_x, mean_e, var_x, var_e, cov_xe,
+  nonzero_x, n_values
+FROM per_variant
+UNION ALL
+SELECT 'metric', variant, metric, 'values', units, mean_x, mean_n, var_x, var_n, cov_xn,
+  nonzero_x, n_values
+FROM per_variant"""
+
+_RATIO = """
+UNION ALL
+SELECT 'metric', variant, metric, denominator, {moments}
+FROM (
+  SELECT p.variant, p.metric, q.metric AS denominator, p.x, q.x AS y, p.n
+  FROM per_unit p JOIN per_unit q ON q.unit_hash = p.unit_hash
+  WHERE {pairs}
+) AS pair
+GROUP BY variant, metric, denominator"""
+
+_EXCLUDED = """
+UNION ALL
+SELECT 'excluded', NULL, v.metric, NULL, count(v.unit_hash), NULL, NULL, NULL, NULL, NULL,
+  NULL, sum(v.n)
+FROM unit_values v LEFT JOIN units u ON u.unit_hash = v.unit_hash
+WHERE u.unit_hash IS NULL GROUP BY v.metric"""
+
+
+def quote(text: str) -> str:
+    """A SQL string literal (quotes doubled): names come from configs and files."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def experiment_query(ratios: Sequence[tuple[str, str]] = (), experiment: str = PARAMETER) -> str:
+    """The query for one experiment; `ratios` adds (metric, denominator metric) pairs beside
+    the per-exposure and per-value rows every metric gets. `experiment`: the parameter, or
+    a quoted literal for a query printed for another engine."""
+    sql = _HEAD.format(experiment=experiment)
+    if ratios:
+        pairs = " OR ".join(
+            f"(p.metric = {quote(metric)} AND q.metric = {quote(denominator)})"
+            for metric, denominator in ratios
+        )
+        sql += _RATIO.format(moments=_MOMENTS, pairs=pairs)
+    return sql + _EXCLUDED
+
+
+def for_dialect(dialect: str, experiment: str, ratios: Sequence[tuple[str, str]] = ()) -> str:
+    """The query in a warehouse's dialect (sqlglot, the `warehouse` extra)."""
+    if dialect not in DIALECTS:
+        raise ValueError(f"unknown SQL dialect {dialect!r}; one of: {', '.join(DIALECTS)}")
+    try:
+        import sqlglot
+    except ImportError as exc:
+        raise ImportError(
+            "printing the query for a warehouse needs sqlglot: pip install 'modelgate[warehouse]'"
+        ) from exc
+    sql = experiment_query(ratios, quote(experiment))
+    return str(sqlglot.transpile(sql, read="duckdb", write=dialect, pretty=True)[0]) + ";"
