@@ -178,7 +178,51 @@ def format_results(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _engine_commands(ns: argparse.Namespace) -> int | None:
+    """`--sql DIALECT` and `--parquet OUT` (issue 13): the SQL engine's side doors; None
+    when neither was asked for."""
+    from modelgate.analysis_sql import DIALECTS, for_dialect
+
+    if ns.sql is not None:
+        if ns.sql not in DIALECTS:
+            raise AnalyzeError(f"--sql {ns.sql}: unknown dialect; one of: {', '.join(DIALECTS)}")
+        if ns.experiment is None:
+            raise AnalyzeError("--sql needs --experiment NAME (the query is per experiment)")
+        ratios = []
+        for pair in ns.ratio or []:
+            metric, _, denominator = pair.partition("/")
+            if not metric or not denominator:
+                raise AnalyzeError(f"--ratio {pair}: give METRIC/DENOMINATOR")
+            ratios.append((metric, denominator))
+        try:
+            print(for_dialect(ns.sql, ns.experiment, ratios))
+        except ImportError as exc:
+            raise AnalyzeError(str(exc)) from exc
+        return 0
+    if ns.parquet is not None:
+        if ns.logs is None:
+            raise AnalyzeError("--parquet OUT needs --logs DIR (the records to roll up)")
+        if not Path(ns.logs).is_dir():
+            raise AnalyzeError(f"--logs {ns.logs}: not a directory")
+        from modelgate.analysis_load import write_parquet
+
+        written = write_parquet(ns.logs, ns.parquet)
+        print(
+            f"rolled {written['exposures']} exposure and {written['feedback']} feedback records "
+            f"into {ns.parquet} (partitioned by experiment and date)"
+        )
+        return 0
+    return None
+
+
 def run(ns: argparse.Namespace) -> int:
+    try:
+        done = _engine_commands(ns)
+    except AnalyzeError as exc:
+        print(f"modelgate analyze: {exc}", file=sys.stderr)
+        return 1
+    if done is not None:
+        return done
     if ns.admin is None and ns.logs is None:
         print("modelgate analyze: give --admin URL or --logs DIR (or both)", file=sys.stderr)
         return 2
@@ -234,4 +278,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--config", metavar="FILE", help="with --logs: take the experiments' design from here"
     )
     parser.add_argument("--html", metavar="FILE", help="also write an HTML report with plots")
+    parser.add_argument(
+        "--parquet",
+        metavar="OUT",
+        help="with --logs: roll the records into Parquet files partitioned by experiment and date",
+    )
+    parser.add_argument(
+        "--sql",
+        metavar="DIALECT",
+        help="print the per-unit query of --experiment for a warehouse: bigquery, snowflake, "
+        "clickhouse, spark, trino (needs the 'warehouse' extra)",
+    )
+    parser.add_argument(
+        "--ratio",
+        metavar="METRIC/DENOMINATOR",
+        action="append",
+        help="with --sql: also a ratio of two metrics' per-unit sums (repeatable)",
+    )
     parser.set_defaults(func=run)
