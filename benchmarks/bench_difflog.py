@@ -6,9 +6,7 @@ Run: python -m pytest benchmarks/bench_difflog.py --benchmark-enable -p no:cache
 
 from __future__ import annotations
 
-import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +28,7 @@ PRIMARY = orjson.dumps(predict("model-a", b'{"x": 1}', drift=0.0))
 SHADOW = orjson.dumps(predict("model-c", b'{"x": 1}', drift=0.0))
 WHOLE = CompareSpec(ignore=["/model"])
 FIELDS = CompareSpec(fields=["/score", "/label"], abs=1e-6)
-
-
-@pytest.fixture(autouse=True)
-def one_cpu() -> Iterator[None]:
-    """Every thread of the process on one CPU: the figures are per core, not per machine."""
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(before)})
-    yield
-    os.sched_setaffinity(0, before)
+pytestmark = pytest.mark.usefixtures("one_cpu")
 
 
 def _compare(benchmark: Any, shadow_body: bytes, spec: CompareSpec, group: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
@@ -27,3 +28,16 @@ def core_module(request: pytest.FixtureRequest) -> ModuleType:
         return importlib.import_module("modelgate._core")
     except ImportError as exc:
         pytest.fail(f"the compiled core is missing ({exc}): pip install -e . --no-build-isolation")
+
+
+# --- one CPU ---
+# Suites that report per-core figures use it: `pytestmark = pytest.mark.usefixtures("one_cpu")`.
+
+
+@pytest.fixture
+def one_cpu() -> Iterator[None]:
+    """Every thread of the process on one CPU: the figures are per core, not per machine."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    yield
+    os.sched_setaffinity(0, before)

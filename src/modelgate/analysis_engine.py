@@ -19,11 +19,15 @@ from typing import Any
 
 import duckdb
 
-from modelgate.analysis_load import load_tables
+from modelgate.analysis_load import FEEDBACK_COLUMNS, load_tables
 from modelgate.analysis_sql import experiment_query, quote
 from modelgate.stats import UnitStats
 
 __all__ = ["AnalysisEngine", "AnalysisError", "ExperimentUnits"]
+
+
+# What the query reads of the feedback: 10 bytes a record less than the files hold.
+ENGINE_FEEDBACK_COLUMNS = tuple(c for c in FEEDBACK_COLUMNS if c not in ("ts_ns", "variant"))
 
 
 class AnalysisError(ValueError):
@@ -77,39 +81,68 @@ class AnalysisEngine:
         connection: duckdb.DuckDBPyConnection,
         designs: dict[str, dict[str, Any]],
         source: str,
+        names: dict[str, list[str]] | None = None,
     ) -> None:
         self.connection = connection
         self.designs = designs
         self.source = source
+        self.names = names or {}  # column -> names by id, where the tables hold ids
         self._known: list[str] | None = None
 
+    def _name(self, column: str, value: Any) -> Any:
+        """A name the query returned, from its id where the tables hold ids."""
+        table = self.names.get(column)
+        return table[value] if table is not None and value is not None else value
+
+    def _id(self, column: str, name: str) -> str | int:
+        """What the tables hold for a name: its id (-1, matching nothing, when unknown)."""
+        table = self.names.get(column)
+        if table is None:
+            return name
+        return table.index(name) if name in table else -1
+
     @staticmethod
-    def _connect(threads: int | None) -> duckdb.DuckDBPyConnection:
-        config: dict[str, str | bool | int | float | list[str]] = {}
+    def _connect(threads: int | None, memory_limit: str | None) -> duckdb.DuckDBPyConnection:
+        # Row order is never relied on: without it DuckDB needs less memory.
+        config: dict[str, str | bool | int | float | list[str]] = {
+            "preserve_insertion_order": False
+        }
         if threads:
             config["threads"] = threads
+        if memory_limit:  # DuckDB's own working memory (beyond it, it spills to disk)
+            config["memory_limit"] = memory_limit
         return duckdb.connect(":memory:", config=config)
 
     @classmethod
-    def from_logs(cls, path: str | os.PathLike[str], threads: int | None = None) -> AnalysisEngine:
+    def from_logs(
+        cls,
+        path: str | os.PathLike[str],
+        threads: int | None = None,
+        memory_limit: str | None = None,
+    ) -> AnalysisEngine:
         """Over the record files of a log directory (damaged parts skipped and logged)."""
         if not Path(path).is_dir():
             raise AnalysisError(f"{path}: not a directory")
-        tables = load_tables(path)
-        connection = cls._connect(threads)
-        connection.register("exposures", tables.exposures)
-        connection.register("feedback", tables.feedback)
-        return cls(connection, tables.designs, f"{tables.files} record files in {path}")
+        tables = load_tables(path, feedback_columns=ENGINE_FEEDBACK_COLUMNS)
+        exposures, feedback, names = tables.as_ids()  # sharing its buffers
+        connection = cls._connect(threads, memory_limit)
+        connection.register("exposures", exposures)
+        connection.register("feedback", feedback)
+        source = f"{tables.files} record files in {path}"
+        return cls(connection, tables.designs, source, names)
 
     @classmethod
     def from_parquet(
-        cls, path: str | os.PathLike[str], threads: int | None = None
+        cls,
+        path: str | os.PathLike[str],
+        threads: int | None = None,
+        memory_limit: str | None = None,
     ) -> AnalysisEngine:
         """Over a Parquet roll-up (`exposures/` and `feedback/`, hive-partitioned)."""
         root = Path(path)
         if not (root / "exposures").is_dir():
             raise AnalysisError(f"{path}: no Parquet roll-up here (no exposures/ directory)")
-        connection = cls._connect(threads)
+        connection = cls._connect(threads, memory_limit)
         for name in ("exposures", "feedback"):
             files = quote(str(root / name / "**" / "*.parquet"))
             if any((root / name).glob("**/*.parquet")):
@@ -130,7 +163,8 @@ class AnalysisEngine:
         """The experiments with a design or with exposure records, sorted."""
         if self._known is None:
             rows = self.connection.execute("SELECT DISTINCT experiment FROM exposures").fetchall()
-            self._known = sorted(set(self.designs) | {str(row[0]) for row in rows})
+            found = {str(self._name("experiment", row[0])) for row in rows}
+            self._known = sorted(set(self.designs) | found)
         return self._known
 
     def query(self, experiment: str, ratios: Sequence[tuple[str, str]] = ()) -> ExperimentUnits:
@@ -140,9 +174,16 @@ class AnalysisEngine:
                 f"no experiment named {experiment!r} in {self.source} "
                 f"(found: {', '.join(self.experiments()) or 'none'})"
             )
-        cursor = self.connection.execute(experiment_query(ratios), {"experiment": experiment})
+        pairs = [(self._id("metric", m), self._id("metric", d)) for m, d in ratios]
+        parameter = {"experiment": self._id("experiment", experiment)}
+        cursor = self.connection.execute(experiment_query(pairs), parameter)
         columns = [d[0] for d in cursor.description or ()]
         rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+        for row in rows:
+            row["variant"] = self._name("variant", row["variant"])
+            row["metric"] = self._name("metric", row["metric"])
+            if row["denominator"] not in (None, "exposures", "values") and "metric" in self.names:
+                row["denominator"] = self._name("metric", int(row["denominator"]))
         design = self.designs.get(experiment, {})
         seen = sorted({str(r["variant"]) for r in rows if r["variant"] is not None})
         variants = list(design.get("variants", [])) + [

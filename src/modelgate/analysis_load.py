@@ -43,6 +43,25 @@ class RecordTables:
     feedback: pa.Table
     designs: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: int = 0
+    names: dict[str, list[str]] = field(default_factory=dict)  # column -> names by id
+
+    def as_ids(self) -> tuple[pa.Table, pa.Table, dict[str, list[str]]]:
+        """Both tables with their name columns as the dictionaries' uint16 ids (no copy),
+        and each column's names by id: a query groups and compares 2-byte ids much
+        faster than strings, and the ids mean the same in both tables."""
+
+        def ids(table: pa.Table) -> pa.Table:
+            columns = {
+                name: pa.chunked_array(
+                    [chunk.indices for chunk in column.chunks], type=column.type.index_type
+                )
+                if pa.types.is_dictionary(column.type)
+                else column
+                for name, column in zip(table.column_names, table.columns, strict=True)
+            }
+            return pa.table(columns)
+
+        return ids(self.exposures), ids(self.feedback), self.names
 
 
 class _Names:
@@ -80,8 +99,11 @@ def _columns(
     tables: Mapping[str, str],
     wanted: Sequence[str],
     designs: dict[str, dict[str, Any]],
+    shared: dict[str, _Names],
 ) -> tuple[pa.Table, int]:
-    names = {column: _Names() for column in tables}
+    """`shared`: sidecar table -> its global names, one for both kinds of records, so an
+    experiment has the same id among exposures and feedback."""
+    names = {field: shared.setdefault(table, _Names()) for field, table in tables.items()}
     chunks: dict[str, list[np.ndarray]] = {column: [] for column in wanted}
     files = 0
     for _, data, sidecar in iter_record_files(path, prefix, dtype, tables):
@@ -127,13 +149,15 @@ def load_tables(
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path}: not a directory")
     designs: dict[str, dict[str, Any]] = {}
+    shared: dict[str, _Names] = {}
     exposures, n = _columns(
-        path, "exposure", EXPOSURE_DTYPE, EXPOSURE_NAMES, EXPOSURE_COLUMNS, designs
+        path, "exposure", EXPOSURE_DTYPE, EXPOSURE_NAMES, EXPOSURE_COLUMNS, designs, shared
     )
     feedback, m = _columns(  # designs as load_logs takes them: from the exposure files
-        path, "feedback", FEEDBACK_DTYPE, FEEDBACK_NAMES, feedback_columns, {}
+        path, "feedback", FEEDBACK_DTYPE, FEEDBACK_NAMES, feedback_columns, {}, shared
     )
-    return RecordTables(exposures, feedback, designs, n + m)
+    names = {table.removesuffix("s"): found.names for table, found in shared.items()}
+    return RecordTables(exposures, feedback, designs, n + m, names)
 
 
 def _with_date(table: pa.Table) -> pa.Table:

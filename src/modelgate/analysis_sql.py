@@ -31,30 +31,30 @@ _MOMENTS = """count(*) AS units,
     covar_samp(x, y) AS cov_xy, sum(CASE WHEN x <> 0 THEN 1 ELSE 0 END) AS nonzero_x,
     sum(n) AS n_values"""
 
-_HEAD = """WITH ex AS (
-  SELECT unit_hash, variant, ts_ns, rid_hi, rid_lo, (flags & 1) = 1 AS enrolled
-  FROM exposures WHERE experiment = {experiment}
-),
-units AS (  -- a unit's variant is its first enrolled exposure's
+# Subqueries, not CTEs: a CTE read twice is materialized (DuckDB), which costs more than
+# scanning the Arrow columns again.
+_EXPOSED = """(SELECT unit_hash, variant, ts_ns, rid_hi, rid_lo FROM exposures
+    WHERE experiment = {experiment} AND (flags & 1) = 1)"""
+_FEEDBACK = """(SELECT metric, unit_hash, rid_hi, rid_lo, value FROM feedback
+    WHERE experiment = {experiment} AND (flags & 2) = {by_request})"""
+
+_HEAD = """WITH units AS (  -- enrolled units; a unit's variant is its first enrolled exposure's
   SELECT unit_hash, arg_min(variant, ts_ns) AS variant, count(*) AS exposures,
     CASE WHEN min(variant) <> max(variant) THEN 1 ELSE 0 END AS switched
-  FROM ex WHERE enrolled GROUP BY unit_hash
+  FROM {exposed} AS e GROUP BY unit_hash
 ),
-fb AS (
-  SELECT metric, unit_hash, rid_hi, rid_lo, value, (flags & 2) = 2 AS by_request
-  FROM feedback WHERE experiment = {experiment}
-),
-asked AS (SELECT DISTINCT rid_hi, rid_lo FROM fb WHERE by_request),
 request_units AS (  -- feedback by request id: the unit of that request's enrolled exposure
-  SELECT e.rid_hi, e.rid_lo, arg_min(e.unit_hash, e.ts_ns) AS unit_hash
-  FROM ex e JOIN asked a ON e.rid_hi = a.rid_hi AND e.rid_lo = a.rid_lo
-  WHERE e.enrolled GROUP BY e.rid_hi, e.rid_lo
+  SELECT rid_hi, rid_lo, arg_min(unit_hash, ts_ns) AS unit_hash
+  FROM {exposed} AS e
+  WHERE (rid_hi, rid_lo) IN (SELECT rid_hi, rid_lo FROM {by_request} AS f)
+  GROUP BY rid_hi, rid_lo
 ),
 attributed AS (
-  SELECT f.metric, CASE WHEN f.by_request THEN r.unit_hash ELSE f.unit_hash END AS unit_hash,
-    f.value
-  FROM fb f LEFT JOIN request_units r
-    ON f.by_request AND f.rid_hi = r.rid_hi AND f.rid_lo = r.rid_lo
+  SELECT metric, unit_hash, value FROM {by_unit} AS f
+  UNION ALL
+  SELECT f.metric, r.unit_hash, f.value
+  FROM {by_request} AS f LEFT JOIN request_units AS r
+    ON f.rid_hi = r.rid_hi AND f.rid_lo = r.rid_lo
 ),
 unit_values AS (
   SELECT unit_hash, metric, sum(value) AS x, count(*) AS n
@@ -91,7 +91,7 @@ _RATIO = """
 UNION ALL
 SELECT 'metric', variant, metric, denominator, {moments}
 FROM (
-  SELECT p.variant, p.metric, q.metric AS denominator, p.x, q.x AS y, p.n
+  SELECT p.variant, p.metric, CAST(q.metric AS VARCHAR) AS denominator, p.x, q.x AS y, p.n
   FROM per_unit p JOIN per_unit q ON q.unit_hash = p.unit_hash
   WHERE {pairs}
 ) AS pair
@@ -105,16 +105,25 @@ FROM unit_values v LEFT JOIN units u ON u.unit_hash = v.unit_hash
 WHERE u.unit_hash IS NULL GROUP BY v.metric"""
 
 
-def quote(text: str) -> str:
-    """A SQL string literal (quotes doubled): names come from configs and files."""
-    return "'" + text.replace("'", "''") + "'"
+def quote(name: str | int) -> str:
+    """A SQL literal: a string's quotes doubled (names come from configs and files), or an
+    integer id (the engine's in-memory tables hold names as ids)."""
+    if isinstance(name, int):
+        return str(name)
+    return "'" + name.replace("'", "''") + "'"
 
 
-def experiment_query(ratios: Sequence[tuple[str, str]] = (), experiment: str = PARAMETER) -> str:
+def experiment_query(
+    ratios: Sequence[tuple[str | int, str | int]] = (), experiment: str = PARAMETER
+) -> str:
     """The query for one experiment; `ratios` adds (metric, denominator metric) pairs beside
     the per-exposure and per-value rows every metric gets. `experiment`: the parameter, or
     a quoted literal for a query printed for another engine."""
-    sql = _HEAD.format(experiment=experiment)
+    sql = _HEAD.format(
+        exposed=_EXPOSED.format(experiment=experiment),
+        by_unit=_FEEDBACK.format(experiment=experiment, by_request=0),
+        by_request=_FEEDBACK.format(experiment=experiment, by_request=2),
+    )
     if ratios:
         pairs = " OR ".join(
             f"(p.metric = {quote(metric)} AND q.metric = {quote(denominator)})"

@@ -1,0 +1,91 @@
+"""Benchmark of the analysis engine (issue 13): one experiment's per-unit query over 10
+million exposure and 10 million feedback records of 1 million units, in the real record-file
+format (modelgate.record_synth), with DuckDB on one thread pinned to one CPU; the time of the
+query and the process's peak memory (VmHWM, reset before the engine loads). The target is
+under 2 s and 1 GiB. The same path at 100k records is a test (tests/test_analysis_engine.py).
+
+Run: python -m pytest benchmarks/bench_analysis_engine.py --benchmark-enable -p no:cacheprovider -s
+(MODELGATE_BENCH_SCALE=0.1 for a tenth of the records; the files are generated once, in a
+child process so that its memory does not count, into MODELGATE_BENCH_DIR or a temp dir.)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modelgate.analysis_engine import AnalysisEngine
+
+SCALE = float(os.environ.get("MODELGATE_BENCH_SCALE", "1"))
+RECORDS, UNITS = int(10_000_000 * SCALE), int(1_000_000 * SCALE)
+pytestmark = pytest.mark.usefixtures("one_cpu")
+
+
+def _child(code: str) -> None:
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture(scope="module")
+def record_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = Path(os.environ.get("MODELGATE_BENCH_DIR") or tmp_path_factory.mktemp("engine"))
+    logs = root / f"logs-{RECORDS}"
+    if not (logs / "done").exists():
+        _child(
+            "from modelgate.record_synth import Synthetic, write_synthetic\n"
+            f"write_synthetic({str(logs)!r}, Synthetic(units={UNITS}, exposures={RECORDS}, "
+            f"feedback={RECORDS}, records_per_file=1 << 20))\n"
+        )
+        (logs / "done").touch()
+    return logs
+
+
+def _peak_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
+
+
+def _measure(benchmark: Any, engine_of: Any, source: Path, label: str) -> None:
+    _reset_peak()
+    start = time.perf_counter()
+    engine = engine_of(source, threads=1)
+    loaded = time.perf_counter() - start
+    result = benchmark.pedantic(engine.query, args=("ranker",), rounds=3, iterations=1)
+    peak = _peak_kib()
+    benchmark.extra_info.update(
+        {"load_s": round(loaded, 3), "peak_rss_mib": round(peak / 1024), "records": RECORDS}
+    )
+    print(
+        f"\n{label}: {RECORDS} exposures + {RECORDS} feedback, {UNITS} units: load "
+        f"{loaded:.2f} s, query min {benchmark.stats.stats.min:.2f} s, peak RSS "
+        f"{peak / 1024:.0f} MiB; units per variant {result.units}"
+    )
+    assert sum(result.units.values()) > 0.5 * UNITS
+    engine.close()
+
+
+def test_engine_query_over_record_files(benchmark: Any, record_dir: Path) -> None:
+    benchmark.group = "analysis engine: one experiment"
+    _measure(benchmark, AnalysisEngine.from_logs, record_dir, "record files")
+
+
+def test_engine_query_over_parquet(benchmark: Any, record_dir: Path) -> None:
+    benchmark.group = "analysis engine: one experiment"
+    rolled = record_dir.with_name(record_dir.name + "-parquet")
+    if not (rolled / "designs.json").exists():
+        _child(
+            "from modelgate.analysis_load import write_parquet\n"
+            f"write_parquet({str(record_dir)!r}, {str(rolled)!r})\n"
+        )
+    _measure(benchmark, AnalysisEngine.from_parquet, rolled, "Parquet roll-up")
