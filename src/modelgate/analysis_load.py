@@ -194,6 +194,11 @@ def write_parquet(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
             )
         written[name] = table.num_rows
     designs = target / "designs.json"
-    known = json.loads(designs.read_text()) if designs.exists() else {}
+    try:
+        known = json.loads(designs.read_text())
+    except (OSError, ValueError):
+        known = {}  # none yet, or a damaged one: the files' designs are written anew
+    if not isinstance(known, dict):
+        known = {}
     designs.write_text(json.dumps({**known, **tables.designs}, indent=1, sort_keys=True))
     return written
