@@ -26,8 +26,18 @@ from modelgate.stats import UnitStats
 __all__ = ["AnalysisEngine", "AnalysisError", "ExperimentUnits"]
 
 
-# What the query reads of the feedback: 10 bytes a record less than the files hold.
-ENGINE_FEEDBACK_COLUMNS = tuple(c for c in FEEDBACK_COLUMNS if c not in ("ts_ns", "variant"))
+# What the query reads of the feedback, held as two tables (by unit, by request id) that
+# one view joins: 11 bytes a record less than the files hold, 16 more for most records.
+ENGINE_FEEDBACK_COLUMNS = tuple(
+    c for c in FEEDBACK_COLUMNS if c not in ("ts_ns", "variant", "flags")
+)
+_FEEDBACK_VIEW = """CREATE VIEW feedback AS
+SELECT experiment, metric, unit_hash, 0::BIGINT AS rid_hi, 0::BIGINT AS rid_lo, value,
+  0::UTINYINT AS flags
+FROM feedback_by_unit
+UNION ALL
+SELECT experiment, metric, 0::BIGINT, rid_hi, rid_lo, value, 2::UTINYINT FROM feedback_by_request
+"""
 
 
 class AnalysisError(ValueError):
@@ -123,11 +133,14 @@ class AnalysisEngine:
         """Over the record files of a log directory (damaged parts skipped and logged)."""
         if not Path(path).is_dir():
             raise AnalysisError(f"{path}: not a directory")
-        tables = load_tables(path, feedback_columns=ENGINE_FEEDBACK_COLUMNS)
-        exposures, feedback, names = tables.as_ids()  # sharing its buffers
+        tables = load_tables(path, feedback_columns=ENGINE_FEEDBACK_COLUMNS, split_feedback=True)
+        exposures, by_unit, by_request, names = tables.as_ids()  # sharing its buffers
+        assert by_request is not None
         connection = cls._connect(threads, memory_limit)
         connection.register("exposures", exposures)
-        connection.register("feedback", feedback)
+        connection.register("feedback_by_unit", by_unit)
+        connection.register("feedback_by_request", by_request)
+        connection.execute(_FEEDBACK_VIEW)
         source = f"{tables.files} record files in {path}"
         return cls(connection, tables.designs, source, names)
 
