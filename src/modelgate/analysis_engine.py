@@ -161,7 +161,7 @@ class AnalysisEngine:
             if any((root / name).glob("**/*.parquet")):
                 connection.execute(
                     f"CREATE VIEW {name} AS SELECT * FROM read_parquet({files}, "
-                    "hive_partitioning = true)"
+                    "hive_partitioning = true, hive_types_autocast = false)"  # '123' stays text
                 )
             else:  # an empty table of the right shape: no feedback yet is no error
                 connection.execute(f"CREATE TABLE {name} AS {_EMPTY[name]}")

@@ -5,9 +5,10 @@ Files are read by modelgate.recordfiles, so damaged ones are skipped with the sa
 as everywhere else. Each file becomes one chunk of each column: only the fields the query
 needs are copied out of the records (the file's array is then dropped, so the peak is the
 columns plus one file), and the names tables of every file merge into one dictionary per
-column, so experiment, variant and metric stay 2-byte ids (Arrow dictionary arrays) that
-DuckDB reads without a copy. Unit hashes and the request id's 16-byte tail are handed over
-as int64 (the same bits), which every warehouse can store.
+column, so experiment, variant and metric stay 2-byte ids (Arrow dictionary arrays; the
+engine hands DuckDB the ids themselves, without a copy, and maps names back after the query).
+Unit hashes and the request id's 16-byte tail are handed over as int64 (the same bits), which
+every warehouse can store.
 """
 
 from __future__ import annotations
