@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import special  # type: ignore[import-untyped]
 
-from ._stats_common import Result, positive, probability, vector
+from ._stats_common import Result, counts_and_weights, positive, probability
 
 DEFAULT_TUNING = 5000.0
 
@@ -86,16 +86,9 @@ def sequential_srm_test(
     pass the last p-value back as `previous_p_value` to keep the running minimum.
     A variant with weight 0 that received units is a mismatch (p = 0).
     """
-    x = vector("counts", counts, min_size=1)
-    if (x < 0).any() or not np.all(x == np.floor(x)):
-        raise ValueError(f"counts must be whole numbers >= 0, got {x.tolist()}")
-    w = vector("weights", weights, min_size=1)
-    if w.size != x.size:
-        raise ValueError(
-            f"weights must have one entry per count: {w.size} weights, {x.size} counts"
-        )
-    if (w < 0).any() or w.sum() == 0.0:
-        raise ValueError(f"weights must be >= 0 and not all 0, got {w.tolist()}")
+    x, w = counts_and_weights(counts, weights)
+    if not np.all(x == np.floor(x)):
+        raise ValueError(f"counts must be whole numbers (units), got {x.tolist()}")
     level = probability("threshold", threshold)
     conc = positive("concentration", concentration)
     prev = probability("previous_p_value", previous_p_value, open_interval=False)
