@@ -13,6 +13,8 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats as sps  # type: ignore[import-untyped]
 
 from modelgate.stats import (
@@ -303,3 +305,43 @@ def test_edge_cases_and_validation() -> None:
     assert sequential_srm_test([5, 1], [1, 0]).p_value == 0.0
     assert sequential_srm_test([0, 0], [1, 1]).p_value == 1.0
     assert sequential_srm_test([500, 500], [1, 1], previous_p_value=0.01).p_value == 0.01
+
+
+# -- properties ----------------------------------------------------------------------------
+
+UNITS = st.lists(
+    st.tuples(st.floats(-1e3, 1e3), st.floats(0.5, 1e3)), min_size=3, max_size=30
+).filter(lambda v: len({x for x, _ in v}) > 1)
+
+
+def _stats(v: list[tuple[float, float]]) -> UnitStats:
+    arr = np.array(v)
+    return UnitStats.from_samples(arr[:, 0], arr[:, 1])
+
+
+@settings(deadline=None, max_examples=100)
+@given(UNITS, UNITS, st.integers(1, 29), st.booleans(), st.floats(0.01, 0.3))
+def test_test_properties(
+    va: list[tuple[float, float]],
+    vb: list[tuple[float, float]],
+    cut: int,
+    sequential: bool,
+    alpha: float,
+) -> None:
+    a, b = _stats(va), _stats(vb)
+    cut = min(cut, len(va) - 1)
+    a_parts = _stats(va[:cut]).merge(_stats(va[cut:]))
+    for test in (unit_mean_test, unit_ratio_test, cuped_test):
+        r = test(a, b, alpha, sequential=sequential)
+        # Merged parts give the same answer as the whole; swapping the arms negates diff.
+        m = test(a_parts, b, alpha, sequential=sequential)
+        assert m.diff == pytest.approx(r.diff, rel=1e-7, abs=1e-9)
+        assert m.se == pytest.approx(r.se, rel=1e-6, abs=1e-12)
+        s = test(b, a, alpha, sequential=sequential)
+        assert s.diff == pytest.approx(-r.diff, rel=1e-9, abs=1e-12)
+        if test is not cuped_test:  # CUPED's theta is pooled: symmetric too, but not bitwise
+            assert s.p_value == pytest.approx(r.p_value, rel=1e-9, abs=1e-12)
+        # The p-value and the interval agree: p < alpha exactly when 0 is outside it.
+        if r.se > 1e-9 * max(1.0, abs(r.diff)) and abs(r.p_value - alpha) > 1e-9:
+            assert (r.p_value < alpha) == (not r.ci_low <= 0.0 <= r.ci_high)
+        assert r.ci_low <= r.diff <= r.ci_high
