@@ -88,6 +88,23 @@ def vector(name: str, values: npt.ArrayLike, *, min_size: int = 0) -> FloatArray
     return out
 
 
+def counts_and_weights(
+    counts: npt.ArrayLike, weights: npt.ArrayLike
+) -> tuple[FloatArray, FloatArray]:
+    """An SRM test's inputs: counts >= 0 per variant, and as many weights, >= 0, not all 0."""
+    observed = vector("counts", counts, min_size=1)
+    if (observed < 0).any():
+        raise ValueError(f"counts must be >= 0, got {observed.tolist()}")
+    w = vector("weights", weights, min_size=1)
+    if w.size != observed.size:
+        raise ValueError(
+            f"weights must have one entry per count: {w.size} weights, {observed.size} counts"
+        )
+    if (w < 0).any() or w.sum() == 0.0:
+        raise ValueError(f"weights must be >= 0 and not all 0, got {w.tolist()}")
+    return observed, w
+
+
 def _json_value(value: Any) -> Any:
     """JSON has no NaN or infinity: they become None (null), as orjson writes them anyway."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -13,7 +13,16 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats as sps  # type: ignore[import-untyped]
 
-from ._stats_common import FloatArray, Result, at_least, count, probability, real, vector
+from ._stats_common import (
+    FloatArray,
+    Result,
+    at_least,
+    count,
+    counts_and_weights,
+    probability,
+    real,
+    vector,
+)
 
 MannWhitneyAlternative = Literal["two-sided", "less", "greater"]
 _MW_ALTERNATIVES = ("two-sided", "less", "greater")
@@ -257,16 +266,7 @@ def srm_test(counts: npt.ArrayLike, weights: npt.ArrayLike, threshold: float = 0
     A variant with weight 0 is left out of the test (its expected count is 0), unless it
     received units: then chi2 = inf and p = 0. No units at all is no evidence: p = 1.
     """
-    observed = vector("counts", counts, min_size=1)
-    if (observed < 0).any():
-        raise ValueError(f"counts must be >= 0, got {observed.tolist()}")
-    w = vector("weights", weights, min_size=1)
-    if w.size != observed.size:
-        raise ValueError(
-            f"weights must have one entry per count: {w.size} weights, {observed.size} counts"
-        )
-    if (w < 0).any() or w.sum() == 0.0:
-        raise ValueError(f"weights must be >= 0 and not all 0, got {w.tolist()}")
+    observed, w = counts_and_weights(counts, weights)
     level = probability("threshold", threshold)
     total = float(observed.sum())
     expected = total * (w / w.sum())

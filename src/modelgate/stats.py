@@ -1,14 +1,34 @@
 """Statistics to judge an A/B experiment: tests, intervals, SRM, power and multiple testing.
 
+Per-unit tests (issue 13) take `UnitStats` of each arm over units (the unit of randomization):
+`unit_mean_test`, `unit_proportion_test`, `unit_ratio_test`, `cuped_test`, and `quantile_test`
+for clustered per-request latencies; `sequential=True` gives confidence sequences, valid at
+every look; `sequential_srm_test` checks unit counts at every look.
+
 Imports nothing else of modelgate (numpy and scipy only); arm a is the baseline, b the candidate.
 """
 
+from ._stats_effect import (
+    EffectResult,
+    cuped_test,
+    unit_mean_test,
+    unit_proportion_test,
+    unit_ratio_test,
+)
 from ._stats_power import (
     PowerAlternative,
     power,
     proportion_power,
     proportion_sample_size,
     sample_size,
+)
+from ._stats_quantile import QuantileEstimate, quantile_estimate, quantile_test
+from ._stats_sequential import (
+    DEFAULT_TUNING,
+    SequentialSRMResult,
+    cs_halfwidth,
+    cs_p_value,
+    sequential_srm_test,
 )
 from ._stats_summary import SummaryStats
 from ._stats_tests import (
@@ -27,6 +47,19 @@ from ._stats_tests import (
 from ._stats_units import UnitStats
 
 __all__ = [
+    "DEFAULT_TUNING",
+    "EffectResult",
+    "QuantileEstimate",
+    "SequentialSRMResult",
+    "cs_halfwidth",
+    "cs_p_value",
+    "cuped_test",
+    "quantile_estimate",
+    "quantile_test",
+    "sequential_srm_test",
+    "unit_mean_test",
+    "unit_proportion_test",
+    "unit_ratio_test",
     "MannWhitneyAlternative",
     "MannWhitneyResult",
     "PowerAlternative",
