@@ -107,14 +107,18 @@ def effect(
     n = n_a + n_b
     se = math.sqrt(total)
     low, high, p = _interval(diff, se, df, n, alpha, tuning)
-    if base != 0.0 and math.isfinite(diff / base):
-        rel = diff / abs(base)
+    rel = rel_se = rel_low = rel_high = rel_p = math.nan
+    # Products, not `** 2`: float pow raises on overflow where a product gives inf. A baseline
+    # whose square underflows to 0 (a tiny mean) has no relative lift worth reporting.
+    base_sq = base * base
+    if base_sq > 0.0 and math.isfinite(diff / base):
         if rel_var is None:
-            rel_var = (var_b + (base_b / base) ** 2 * var_a) / (base * base)
-        rel_se = math.sqrt(max(0.0, rel_var))
-        rel_low, rel_high, rel_p = _interval(rel, rel_se, df, n, alpha, tuning)
-    else:
-        rel = rel_se = rel_low = rel_high = rel_p = math.nan
+            ratio = base_b / base
+            rel_var = (var_b + ratio * ratio * var_a) / base_sq
+        if math.isfinite(rel_var):
+            rel = diff / abs(base)
+            rel_se = math.sqrt(max(0.0, rel_var))
+            rel_low, rel_high, rel_p = _interval(rel, rel_se, df, n, alpha, tuning)
     return EffectResult(
         method=method,
         interval="t" if tuning is None else "confidence-sequence",
@@ -257,9 +261,9 @@ def cuped_test(
     na, nb = a.count, b.count
     base, base_b = a.mean_x, b.mean_x
     rel_var = None
-    if base != 0.0:
+    if base * base > 0.0:  # as in effect(): a baseline whose square underflows has no lift
         ratio = base_b / base
-        v_ctrl = a.var_x * ratio**2 - 2.0 * theta * a.cov_xy * ratio + theta**2 * a.var_y
+        v_ctrl = a.var_x * ratio * ratio - 2.0 * theta * a.cov_xy * ratio + theta * theta * a.var_y
         rel_var = (vb / nb + v_ctrl / na) / (base * base)
     plain = a.var_x / na + b.var_x / nb
     reduced = va / na + vb / nb

@@ -44,7 +44,8 @@ def cs_p_value(estimate: float, se: float, n: int, alpha: float, tuning: float) 
         return 1.0 if estimate == 0.0 else 0.0
     rho = cs_rho(alpha, tuning)
     t = n * rho * rho + 1.0
-    z2n = (estimate / se) ** 2 * n
+    z = estimate / se
+    z2n = z * z * n  # inf when se is tiny: then e is inf and p is 0, never an OverflowError
     log_e = rho * rho * z2n / (2.0 * t) - 0.5 * math.log(t)
     return math.exp(min(0.0, -log_e))
 

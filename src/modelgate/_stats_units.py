@@ -210,8 +210,12 @@ def _count(name: str, value: object) -> int:
 def _clamp(c: float, m2x: float, m2y: float, *, strict: bool = False) -> float:
     """The co-moment within Cauchy-Schwarz: rounding may put it a few ulps past the bound.
     With `strict`, more than the slack past it is an error (a caller's mistake)."""
-    bound = math.sqrt(m2x) * math.sqrt(m2y)
-    if strict and abs(c) > bound * (1.0 + 1e-6) + 1e-300:
+    sx, sy = math.sqrt(m2x), math.sqrt(m2y)
+    bound = sx * sy
+    # Squares underflow where products do not: an m2 read as 0 may stand for up to ~1e-308,
+    # a spread of ~1e-154, so a co-moment that small beside it is rounding, not a mistake.
+    slack = bound * 1e-6 + (sx + sy) * 1e-150 + 1e-300
+    if strict and abs(c) > bound + slack:
         raise ValueError(
             f"c_xy must satisfy c_xy^2 <= m2_x * m2_y (Cauchy-Schwarz), got c_xy={c:g}, "
             f"m2_x={m2x:g}, m2_y={m2y:g}"
