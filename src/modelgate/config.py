@@ -121,6 +121,9 @@ class LimitsSpec(_Strict):
     request_buffer_bytes: int = Field(256 * 1024, ge=0)
     # An upstream response head (or its trailers) beyond this is a broken upstream: 502.
     max_upstream_header_bytes: int = Field(64 * 1024, ge=1024)
+    # With --workers: how long the parent waits for a worker's answer (a reload's prepare or
+    # commit, a status or metrics query) before it counts the worker as not responding.
+    worker_reply_timeout_ms: int = Field(10_000, ge=100, le=600_000)
 
 
 class UpstreamSpec(_Strict):

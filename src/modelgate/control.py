@@ -370,6 +370,9 @@ class ControlPlane:
     async def status(self) -> dict[str, Any]:
         plan = self.plan
         workers, counts = await asyncio.gather(self.target.workers(), self.counts())
+        # Each serving process says which config version it serves; `current` when that is
+        # the control plane's (with --workers, one behind has missed a commit; see workers.py).
+        workers = [{"current": w.get("version") == plan.version, **w} for w in workers]
         totals = self.reloads.totals()
         return {
             "version": plan.version,
@@ -382,6 +385,7 @@ class ControlPlane:
             "config_file": self.file_state(),
             "routes": _route_summary(plan, counts),
             "workers": workers,
+            "workers_current": all(w["current"] for w in workers if w.get("alive", True)),
             "last_reload": self.last_success,
             "last_reload_error": self.last_error,
             "reloads": {
