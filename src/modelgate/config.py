@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -24,6 +23,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from modelgate.config_document import DocumentError, check_document, load_yaml
 
 __all__ = [
     "CanaryCheck",
@@ -1047,14 +1048,12 @@ def _layer_errors(config: GatewayConfig) -> list[str]:
 
 
 def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
-    """Parses YAML text; raises ConfigError with every problem found."""
+    """Parses YAML text (bounded: see config_document.py); raises ConfigError with every
+    problem found."""
     try:
-        raw: Any = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"(yaml) {where}: {problem}"]) from exc
+        raw: Any = load_yaml(text, source)
+    except DocumentError as exc:
+        raise ConfigError(exc.errors) from exc
     return validate_config(raw)
 
 
@@ -1062,6 +1061,10 @@ def validate_config(raw: Any) -> GatewayConfig:
     """Validates an already-parsed document (the admin API's JSON body takes this path)."""
     if not isinstance(raw, dict):
         raise ConfigError([f"(root): expected a mapping of config keys, got {type(raw).__name__}"])
+    try:
+        check_document(raw)
+    except DocumentError as exc:
+        raise ConfigError(exc.errors) from exc
     try:
         config = GatewayConfig.model_validate(raw)
     except ValidationError as exc:
