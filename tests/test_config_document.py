@@ -120,3 +120,19 @@ def test_the_admin_body_has_the_same_bounds() -> None:
     document = parse_document(orjson.dumps(raw), "application/json")
     with pytest.raises(ConfigError, match="more than"):
         validate_config(document)
+
+
+def test_integers_beyond_64_bits_are_refused_with_their_key_path() -> None:
+    """Found by the fuzzer: accepted, then the digest (orjson) raised TypeError in a reload."""
+    assert refused(with_stale("[1, 18446744073709551616]")) == [
+        "routes[0].chaos[0].model.stale[1]: integer 1.84e+19 out of the 64-bit range"
+    ]
+    assert config_digest(parse_config(with_stale(str(2**64 - 1))))  # the largest that fits
+
+
+def test_control_characters_are_a_config_error() -> None:
+    """Found by the fuzzer: PyYAML's reader raises as the loader is built."""
+    assert refused("a: \x00") == [
+        "(yaml) <config>: unacceptable character #x0000: special characters are not allowed "
+        'in "<unicode string>", position 3'
+    ]

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from modelgate.config_document import DocumentError, check_document, load_yaml
+from modelgate.config_document import DocumentError, check_document, load_yaml, path_key
 
 __all__ = [
     "CanaryCheck",
@@ -859,7 +859,7 @@ def _key_path(loc: Sequence[int | str]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            out += f".{path_key(part)}" if out else path_key(part)
     return out or "(root)"
 
 

@@ -7,7 +7,8 @@ builds JSON types only (no timestamps, sets or binary), refuses nesting deeper t
 refuses to convert a long integer and would raise ValueError), and documents larger than
 `MAX_DOCUMENT_BYTES`. Any parsed document (YAML or JSON) is then walked once, bounded: more
 than `MAX_VALUES` values, counting every use of a YAML alias (the "billion laughs": nine
-levels of ten aliases make 10^9 values out of 300 bytes), or a cycle, is refused.
+levels of ten aliases make 10^9 values out of 300 bytes), a cycle, or an integer beyond 64
+bits (JSON tools, the digest and the workers' channel cannot carry it) is refused.
 Every refusal is a ConfigError naming the place, like any other config error.
 """
 
@@ -27,12 +28,15 @@ __all__ = [
     "DocumentError",
     "check_document",
     "load_yaml",
+    "path_key",
 ]
 
-MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+MAX_DOCUMENT_BYTES = 1024 * 1024  # 1 MB of YAML: ~4 s to read and validate
 MAX_DEPTH = 64
 MAX_VALUES = 200_000
 MAX_NUMBER_CHARS = 100
+# What a config's JSON (the digest, the message to a worker) can carry: orjson's range.
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 _NOT_IN_A_CONFIG = ("binary", "omap", "pairs", "set", "timestamp")
 
@@ -113,22 +117,32 @@ def load_yaml(text: str, source: str = "<config>") -> Any:
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > MAX_DOCUMENT_BYTES:
         raise DocumentError([f"(yaml) {source}: {size} bytes (at most {MAX_DOCUMENT_BYTES})"])
-    loader = _ConfigLoader(text)
+    loader = None
     try:
+        loader = _ConfigLoader(text)  # its reader refuses control characters right here
         return loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
         raise DocumentError([f"(yaml) {where}: {problem}"]) from exc
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+
+
+def path_key(key: object) -> str:
+    """A mapping key as a key path shows it: quoted when it would not read as one (empty,
+    blank, edged with spaces, unprintable, or holding the `: ` that ends a key path)."""
+    text = str(key)
+    plain = text.strip() == text and text.isprintable() and ": " not in text
+    return text if text and plain else repr(text)
 
 
 def check_document(raw: Any) -> None:
     """Walks a parsed document once, stopping at the first bound it breaks: more than
-    `MAX_VALUES` values (aliases counted each time they are used) or deeper than `MAX_DEPTH`
-    (a cycle is infinitely deep)."""
+    `MAX_VALUES` values (aliases counted each time they are used), deeper than `MAX_DEPTH`
+    (a cycle is infinitely deep), an integer beyond 64 bits."""
     values = 0
     stack: list[tuple[Any, str, int]] = [(raw, "", 0)]
     while stack:
@@ -141,9 +155,13 @@ def check_document(raw: Any) -> None:
         if depth > MAX_DEPTH:
             where = path if len(path) <= 80 else path[:80] + "..."
             raise DocumentError([f"{where}: nested deeper than {MAX_DEPTH} levels"])
+        if isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX:
+            where = path or "(root)"
+            raise DocumentError([f"{where}: integer {value:.3g} out of the 64-bit range"])
         if isinstance(value, dict):
             for key, item in value.items():
-                stack.append((item, f"{path}.{key}" if path else str(key), depth + 1))
+                name = path_key(key)
+                stack.append((item, f"{path}.{name}" if path else name, depth + 1))
         elif isinstance(value, list | tuple):
             for index, item in enumerate(value):
                 stack.append((item, f"{path}[{index}]", depth + 1))

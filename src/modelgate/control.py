@@ -113,9 +113,10 @@ def parse_document(body: bytes, content_type: str) -> Any:
             return orjson.loads(body)
         return load_yaml(body.decode("utf-8"), "body")
     except orjson.JSONDecodeError as exc:
-        raise ReloadError("unparseable", [f"(json) {exc}"]) from exc
+        where = f"(json) line {exc.lineno}, column {exc.colno}"
+        raise ReloadError("unparseable", [f"{where}: {exc.msg}"]) from exc
     except UnicodeDecodeError as exc:
-        raise ReloadError("unparseable", [f"(body) not UTF-8 text ({exc.reason})"]) from exc
+        raise ReloadError("unparseable", [f"(body): not UTF-8 text ({exc.reason})"]) from exc
     except DocumentError as exc:
         raise ReloadError("unparseable", exc.errors) from exc
 
