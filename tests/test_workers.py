@@ -174,8 +174,10 @@ def test_a_stopped_worker_never_ends_on_a_refused_reload(tmp_path: Path) -> None
                     assert f"worker {stopped}" in str(body), body
                     _, status = await get_json(session, admin + "/status")
                     assert status["version"] == 1
-                    behind = {w["pid"]: w for w in status["workers"]}[stopped]
-                    assert behind["responding"] is False
+                    by_pid = {w["pid"]: w for w in status["workers"]}
+                    assert by_pid[stopped]["responding"] is False
+                    running = next(w for pid, w in by_pid.items() if pid != stopped)
+                    assert running["version"] == 1 and running["current"], running
                 finally:
                     os.kill(stopped, signal.SIGCONT)
 
