@@ -136,3 +136,13 @@ def test_control_characters_are_a_config_error() -> None:
         "(yaml) <config>: unacceptable character #x0000: special characters are not allowed "
         'in "<unicode string>", position 3'
     ]
+
+
+@pytest.mark.parametrize("host", ["127..100.", "a" * 64 + ".example", ".x"])
+def test_an_upstream_host_the_plan_cannot_write_is_a_config_error(host: str) -> None:
+    """Found by the fuzzer: `check` accepted it, then compiling the Plan (start-up, reload)
+    raised UnicodeError writing the Host header."""
+    text = BASE.replace("http://127.0.0.1:1", f"http://{host}:9003")
+    assert refused(text) == [
+        f"upstreams.a.url: bad host in 'http://{host}:9003' (an empty or too long label)"
+    ]

@@ -149,6 +149,10 @@ class UpstreamSpec(_Strict):
         if not parts.hostname:
             raise ValueError(f"no host in {value!r}")
         try:
+            parts.hostname.encode("idna")  # as the Plan writes the Host header
+        except UnicodeError as exc:
+            raise ValueError(f"bad host in {value!r} (an empty or too long label)") from exc
+        try:
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as exc:
             raise ValueError(f"bad port in {value!r}") from exc
