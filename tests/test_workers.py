@@ -4,12 +4,16 @@ worker's version and pid, /metrics sums the workers, SIGTERM drains them all."""
 from __future__ import annotations
 
 import asyncio
+import copy
+import os
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelgate.mock import MockSettings, start_mock
@@ -108,6 +112,102 @@ def test_reloads_reach_every_worker(tmp_path: Path) -> None:
                 proc.send_signal(signal.SIGTERM)
                 finished = await asyncio.gather(*slow)
                 assert [r[0] for r in finished] == [200] * len(UNITS)
+            assert await asyncio.to_thread(proc.wait, 15) == 0
+        finally:
+            await runner.cleanup()
+
+    with ServeProcesses(tmp_path) as processes:
+        run()
+
+
+async def admin_post_yaml(
+    session: aiohttp.ClientSession, url: str, config: dict[str, Any]
+) -> tuple[int, Any]:
+    """A reload as an operator sends one: a YAML body with its content type, no Origin."""
+    body = yaml.safe_dump(config).encode()
+    headers = {"Content-Type": "application/yaml"}
+    async with session.post(url, data=body, headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def variants_by_worker(url: str) -> dict[str, set[str]]:
+    """The variants each worker answers with (keyed by its request-id prefix), asking on
+    fresh connections until both workers answered (bounded)."""
+    seen: dict[str, set[str]] = {}
+    for _ in range(8):
+        results = await asyncio.gather(*(fresh_connection_post(url, u) for u in UNITS))
+        for status, variant, prefix in results:
+            assert status == 200
+            seen.setdefault(prefix, set()).add(variant)
+        if len(seen) == 2:
+            break
+    return seen
+
+
+def test_a_stopped_worker_never_ends_on_a_refused_reload(tmp_path: Path) -> None:
+    """Issue 12, finding 11: one worker SIGSTOPped during a reload. The reload is refused in
+    bounded time; after SIGCONT that worker still serves the old config (it had prepared the
+    new one, never committed it); the next reload reaches both."""
+
+    @async_test
+    async def run() -> None:
+        runner, upstream_port = await start_mock(MockSettings(name="m"))
+        try:
+            port, admin_port = free_port(), free_port()
+            ports = {"model-a": upstream_port, "model-b": upstream_port}
+            config = served_config(ab_config((100, 0)), ports, port, admin_port)
+            config["limits"] = {"worker_reply_timeout_ms": 500}
+            proc = await serve_ready(processes, config, "--workers", "2")
+            admin, url = f"http://127.0.0.1:{admin_port}", f"http://127.0.0.1:{port}/predict"
+            candidate = copy.deepcopy(config)
+            for variant, weight in zip(
+                candidate["routes"][0]["experiment"]["variants"], (0, 100), strict=True
+            ):
+                variant["weight"] = weight
+            async with aiohttp.ClientSession() as session:
+                _, status = await get_json(session, admin + "/status")
+                stopped = status["workers"][1]["pid"]
+                os.kill(stopped, signal.SIGSTOP)
+                try:
+                    code, body = await admin_post_yaml(session, admin + "/reload", candidate)
+                    assert code == 500 and body["error"] == "apply_failed", body
+                    assert f"worker {stopped}" in str(body), body
+                    _, status = await get_json(session, admin + "/status")
+                    assert status["version"] == 1
+                    by_pid = {w["pid"]: w for w in status["workers"]}
+                    assert by_pid[stopped]["responding"] is False
+                    running = next(w for pid, w in by_pid.items() if pid != stopped)
+                    assert running["version"] == 1 and running["current"], running
+                finally:
+                    os.kill(stopped, signal.SIGCONT)
+
+                async def both_answer_at(version: int) -> bool:
+                    _, status = await get_json(session, admin + "/status")
+                    return all(
+                        w["responding"] and w["version"] == version and w["current"]
+                        for w in status["workers"]
+                    ) and bool(status["workers_current"])
+
+                # The stopped worker reads prepare, then abort: it stays on version 1.
+                await wait_until(lambda: both_answer_at(1), "both workers answering, on v1")
+                seen = await variants_by_worker(url)
+                assert seen == {prefix: {"ranker=control"} for prefix in seen}
+                assert len(seen) == 2, seen
+
+                code, body = await admin_post_yaml(session, admin + "/reload", candidate)
+                assert code == 200 and body["version"] == 2, body
+                assert await both_answer_at(2)
+                seen = await variants_by_worker(url)
+                assert seen == {prefix: {"ranker=candidate"} for prefix in seen}
+                assert len(seen) == 2, seen
+
+                async with session.get(admin + "/metrics") as response:
+                    families = {
+                        f.name: f for f in text_string_to_metric_families(await response.text())
+                    }
+                generations = families["modelgate_worker_config_generation"].samples
+                assert sorted(s.value for s in generations) == [2, 2]
+            proc.terminate()
             assert await asyncio.to_thread(proc.wait, 15) == 0
         finally:
             await runner.cleanup()

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -24,6 +23,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from modelgate.config_document import DocumentError, check_document, load_yaml, path_key
 
 __all__ = [
     "CanaryCheck",
@@ -121,6 +122,9 @@ class LimitsSpec(_Strict):
     request_buffer_bytes: int = Field(256 * 1024, ge=0)
     # An upstream response head (or its trailers) beyond this is a broken upstream: 502.
     max_upstream_header_bytes: int = Field(64 * 1024, ge=1024)
+    # With --workers: how long the parent waits for a worker's answer (a reload's prepare or
+    # commit, a status or metrics query) before it counts the worker as not responding.
+    worker_reply_timeout_ms: int = Field(10_000, ge=100, le=600_000)
 
 
 class UpstreamSpec(_Strict):
@@ -144,6 +148,10 @@ class UpstreamSpec(_Strict):
             raise ValueError(f"only http:// upstreams are supported, got {value!r}")
         if not parts.hostname:
             raise ValueError(f"no host in {value!r}")
+        try:
+            parts.hostname.encode("idna")  # as the Plan writes the Host header
+        except UnicodeError as exc:
+            raise ValueError(f"bad host in {value!r} (an empty or too long label)") from exc
         try:
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as exc:
@@ -855,7 +863,7 @@ def _key_path(loc: Sequence[int | str]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            out += f".{path_key(part)}" if out else path_key(part)
     return out or "(root)"
 
 
@@ -1044,14 +1052,12 @@ def _layer_errors(config: GatewayConfig) -> list[str]:
 
 
 def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
-    """Parses YAML text; raises ConfigError with every problem found."""
+    """Parses YAML text (bounded: see config_document.py); raises ConfigError with every
+    problem found."""
     try:
-        raw: Any = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"(yaml) {where}: {problem}"]) from exc
+        raw: Any = load_yaml(text, source)
+    except DocumentError as exc:
+        raise ConfigError(exc.errors) from exc
     return validate_config(raw)
 
 
@@ -1059,6 +1065,10 @@ def validate_config(raw: Any) -> GatewayConfig:
     """Validates an already-parsed document (the admin API's JSON body takes this path)."""
     if not isinstance(raw, dict):
         raise ConfigError([f"(root): expected a mapping of config keys, got {type(raw).__name__}"])
+    try:
+        check_document(raw)
+    except DocumentError as exc:
+        raise ConfigError(exc.errors) from exc
     try:
         config = GatewayConfig.model_validate(raw)
     except ValidationError as exc:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
-import yaml
 
 from modelgate.config import (
     RESTART_ONLY_KEYS,
@@ -27,6 +26,7 @@ from modelgate.config import (
     route_experiments,
     validate_config,
 )
+from modelgate.config_document import DocumentError, load_yaml
 from modelgate.core import BUCKETS
 from modelgate.outcomes import merge_snapshots
 from modelgate.plan import Plan, compile_plan, config_digest
@@ -111,16 +111,14 @@ def parse_document(body: bytes, content_type: str) -> Any:
     try:
         if "json" in content_type:
             return orjson.loads(body)
-        return yaml.safe_load(body.decode("utf-8"))
+        return load_yaml(body.decode("utf-8"), "body")
     except orjson.JSONDecodeError as exc:
-        raise ReloadError("unparseable", [f"(json) {exc}"]) from exc
+        where = f"(json) line {exc.lineno}, column {exc.colno}"
+        raise ReloadError("unparseable", [f"{where}: {exc.msg}"]) from exc
     except UnicodeDecodeError as exc:
-        raise ReloadError("unparseable", [f"(body) not UTF-8 text ({exc.reason})"]) from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "body"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ReloadError("unparseable", [f"(yaml) {where}: {problem}"]) from exc
+        raise ReloadError("unparseable", [f"(body): not UTF-8 text ({exc.reason})"]) from exc
+    except DocumentError as exc:
+        raise ReloadError("unparseable", exc.errors) from exc
 
 
 class ControlPlane:
@@ -370,6 +368,9 @@ class ControlPlane:
     async def status(self) -> dict[str, Any]:
         plan = self.plan
         workers, counts = await asyncio.gather(self.target.workers(), self.counts())
+        # Each serving process says which config version it serves; `current` when that is
+        # the control plane's (with --workers, one behind has missed a commit; see workers.py).
+        workers = [{"current": w.get("version") == plan.version, **w} for w in workers]
         totals = self.reloads.totals()
         return {
             "version": plan.version,
@@ -382,6 +383,7 @@ class ControlPlane:
             "config_file": self.file_state(),
             "routes": _route_summary(plan, counts),
             "workers": workers,
+            "workers_current": all(w["current"] for w in workers if w.get("alive", True)),
             "last_reload": self.last_success,
             "last_reload_error": self.last_error,
             "reloads": {

@@ -162,6 +162,7 @@ class _SnapshotCollector(Collector):
         )
         alive = [w for w in snap.workers if w.get("alive", True)]
         yield _gauge("modelgate_workers", "Serving processes alive", now_label, len(alive))
+        yield from _worker_families(snap.workers, now_label)
         yield _gauge(
             "modelgate_open_connections",
             "Open client connections, summed over workers",
@@ -214,6 +215,29 @@ def _tracked_families(counts: dict[str, CountSlice]) -> Iterator[CounterMetricFa
             for key, n in sorted(counted.families.get(family, {}).items()):
                 metric.add_metric([label, *key], n)
         yield metric
+
+
+def _worker_families(workers: list[dict[str, Any]], now_label: str) -> Iterator[Metric]:
+    """Per serving process: the config version it serves (its generation), and the reload
+    rounds it missed, so workers left on different configs show on a dashboard."""
+    labels = ["config_version", "worker", "pid"]
+    generation = GaugeMetricFamily(
+        "modelgate_worker_config_generation",
+        "The config version each serving process serves (the running one when current)",
+        labels=labels,
+    )
+    events = CounterMetricFamily(
+        "modelgate_worker_reload_events",
+        "Per worker: commits not acknowledged in time, catch-ups done and failed",
+        labels=[*labels, "event"],
+    )
+    for index, worker in enumerate(workers):
+        key = [now_label, str(worker.get("worker", index)), str(worker.get("pid", ""))]
+        generation.add_metric(key, int(worker.get("version", 0)))
+        for event, n in sorted(worker.get("reload_events", {}).items()):
+            events.add_metric([*key, event], n)
+    yield generation
+    yield events
 
 
 def _gauge(name: str, documentation: str, label: str, value: float) -> GaugeMetricFamily:

@@ -1,6 +1,11 @@
 """`modelgate serve --workers N`: the parent runs the control plane and the admin API; each
-forked worker runs a Gateway on the shared SO_REUSEPORT port and takes orders from the parent
-over a socketpair (length-prefixed JSON: apply, status, counters, outcomes, telemetry, chaos).
+forked worker (worker_process.py) runs a Gateway on the shared SO_REUSEPORT port and takes
+orders from the parent over a socketpair.
+
+A reload is applied in two phases with a generation number, one per round: every live worker
+prepares the new Plan, and only when all of them did in time does any commit it; otherwise all
+abort. A worker that missed a commit (stopped, slow) is reported behind and, when it answers
+again, is brought to the current config by a round of its own.
 """
 
 from __future__ import annotations
@@ -12,134 +17,38 @@ import logging
 import os
 import signal
 import socket
-import struct
 import sys
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
 import uvloop
 
 from modelgate.admin import bind_admin, check_admin_exposure, resolve_admin_token, start_admin
-from modelgate.config import ConfigError, GatewayConfig, validate_config
+from modelgate.config import GatewayConfig
 from modelgate.control import ControlPlane, ReloadError
 from modelgate.plan import Plan, compile_plan
-from modelgate.process import process_telemetry, start_gateway, supervise, switch_chaos
-from modelgate.server import Gateway, StartupError, bind_socket
+from modelgate.process import supervise
+from modelgate.server import bind_socket
 from modelgate.telemetry import CountSlice
+from modelgate.worker_process import receive_frame, send_frame, worker_main
 
 __all__ = ["WorkerPool", "serve_workers"]
 
 log = logging.getLogger("modelgate.workers")
 
-_FRAME = struct.Struct("!I")
-MAX_FRAME = 64 * 1024 * 1024
-REPLY_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 30.0
 KILL_GRACE_S = 5.0
-
-
-# --- the channel: one JSON object per frame ---------------------------------------------
-
-
-def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
-    data = orjson.dumps(message)
-    writer.write(_FRAME.pack(len(data)) + data)
-
-
-async def _receive(reader: asyncio.StreamReader) -> dict[str, Any] | None:
-    """The next message, or None when the other side is gone."""
-    try:
-        (size,) = _FRAME.unpack(await reader.readexactly(_FRAME.size))
-        if size > MAX_FRAME:
-            raise ConnectionError(f"channel frame of {size} bytes exceeds {MAX_FRAME}")
-        message: dict[str, Any] = orjson.loads(await reader.readexactly(size))
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-    return message
-
-
-# --- the worker side -------------------------------------------------------------------
-
-
-def _handle(gateway: Gateway, message: dict[str, Any]) -> dict[str, Any]:
-    kind = message.get("type")
-    if kind == "apply":
-        try:
-            config = validate_config(message["config"])
-            plan = compile_plan(config, version=int(message["version"]))
-        except ConfigError as exc:
-            return {"ok": False, "errors": exc.errors}
-        except Exception as exc:  # report, never die: the parent decides what to do
-            return {"ok": False, "errors": [f"(compile) {exc!r}"]}
-        gateway.swap(plan)
-        return {"ok": True, "version": plan.version, "digest": plan.digest}
-    if kind == "status":
-        return {"ok": True, "status": gateway.status()}
-    if kind == "counters":
-        export = gateway.counters.export()
-        return {"ok": True, "counters": {k: v.to_json() for k, v in export.items()}}
-    if kind == "outcomes":
-        return {"ok": True, "outcomes": gateway.outcomes.snapshot()}
-    if kind == "telemetry":
-        return {"ok": True, "telemetry": process_telemetry(gateway)}
-    if kind == "chaos_switch":
-        route, rule = str(message["route"]), str(message["rule"])
-        if switch_chaos(gateway, route, rule, bool(message["enabled"])):
-            return {"ok": True}
-        return {"ok": False, "errors": [f"no chaos rule {rule!r} on route {route!r}"]}
-    return {"ok": False, "errors": [f"unknown message type {kind!r}"]}
-
-
-async def _worker_main(config: GatewayConfig, host: str, port: int, channel: socket.socket) -> int:
-    loop = asyncio.get_running_loop()
-    # Ctrl-C reaches the whole process group; the parent handles it and tells us (SIGTERM).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    reader, writer = await asyncio.open_unix_connection(sock=channel)
-    try:
-        sock = bind_socket(host, port, reuse_port=True)
-    except StartupError as exc:
-        log.error("worker %d: %s", os.getpid(), exc)
-        return 1
-    gateway = await start_gateway(config, sock)
-    stop = asyncio.Event()
-    stops = 0
-
-    def on_stop() -> None:
-        nonlocal stops
-        stops += 1
-        if stops > 1:
-            os._exit(1)
-        stop.set()
-
-    loop.add_signal_handler(signal.SIGTERM, on_stop)
-
-    async def serve_channel() -> None:
-        _send(writer, {"type": "hello", "pid": os.getpid(), "version": gateway.plan.version})
-        while (message := await _receive(reader)) is not None:
-            reply = _handle(gateway, message)
-            _send(writer, {"id": message.get("id"), **reply})
-        log.warning("worker %d: the parent is gone; draining", os.getpid())
-        stop.set()
-
-    channel_task = loop.create_task(serve_channel())
-    await stop.wait()
-    clean = await gateway.drain(gateway.plan.limits.drain_timeout_ms / 1000.0)
-    if not clean:
-        log.warning("worker %d: drain timeout: some connections were cut", os.getpid())
-    channel_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await channel_task
-    writer.close()
-    return 0
+_EVENTS = ("commit_unacknowledged", "caught_up", "catch_up_failed")
 
 
 # --- the parent side -------------------------------------------------------------------
 
 
 class _Worker:
-    """The parent's handle on one worker: its channel, its pending requests, its exit."""
+    """The parent's handle on one worker: its channel, its pending requests, the config
+    version it last said it serves, its exit."""
 
     def __init__(self, index: int, pid: int, channel: socket.socket) -> None:
         self.index = index
@@ -147,12 +56,15 @@ class _Worker:
         self.channel = channel
         self.alive = True
         self.listening = False
-        self.version = 0
+        self.responding = True  # false from a reply that did not come in time to the next one
+        self.version = 0  # the config version in its latest message
         self.exit_code: int | None = None
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.hello: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.writer: asyncio.StreamWriter | None = None
+        self.on_report: Callable[[_Worker], None] = lambda _: None
+        self.events: Counter[str] = Counter()  # commits missed, catch-ups done or failed
         self._ids = itertools.count(1)
 
     async def start(self) -> None:
@@ -160,16 +72,19 @@ class _Worker:
         asyncio.get_running_loop().create_task(self._read(reader))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        while (message := await _receive(reader)) is not None:
+        while (message := await receive_frame(reader)) is not None:
+            self.responding = True
+            self.version = int(message.get("serving", self.version))
             if message.get("type") == "hello":
                 self.listening = True
-                self.version = int(message["version"])
                 if not self.hello.done():
                     self.hello.set_result(True)
-                continue
-            future = self.pending.pop(int(message.get("id") or 0), None)
-            if future is not None and not future.done():
-                future.set_result(message)
+            else:
+                # A late reply finds no pending request: it only updates what we know.
+                future = self.pending.pop(int(message.get("id") or 0), None)
+                if future is not None and not future.done():
+                    future.set_result(message)
+            self.on_report(self)
         # EOF: the worker exited (or is exiting); collect its status without blocking the loop.
         self.alive = False
         self.listening = False
@@ -182,18 +97,26 @@ class _Worker:
         self.exit_code = os.waitstatus_to_exitcode(status)
         self.exited.set_result(self.exit_code)
 
-    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def request(self, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         if not self.alive or self.writer is None:
             raise ConnectionError(f"worker {self.pid} is not running")
         ident = next(self._ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.pending[ident] = future
-        _send(self.writer, {"id": ident, **message})
+        send_frame(self.writer, {"id": ident, **message})
         try:
-            async with asyncio.timeout(REPLY_TIMEOUT_S):
+            async with asyncio.timeout(timeout_s):
                 return await future
+        except TimeoutError:
+            self.responding = False
+            raise
         finally:
             self.pending.pop(ident, None)
+
+    def notify(self, message: dict[str, Any]) -> None:
+        """An order whose reply nobody waits for (it still updates `version`)."""
+        if self.alive and self.writer is not None:
+            send_frame(self.writer, {"id": 0, **message})
 
     def kill(self, signum: int) -> None:
         if self.exit_code is None:
@@ -202,58 +125,141 @@ class _Worker:
 
 
 class WorkerPool:
-    """The control plane's target with --workers: a reload reaches every worker, or none."""
+    """The control plane's target with --workers: a reload is committed by every live worker
+    or by none; a worker that misses a commit is brought up to date when it answers again."""
 
-    def __init__(self, workers: list[_Worker], config: GatewayConfig) -> None:
+    def __init__(self, workers: list[_Worker], config: GatewayConfig, version: int = 1) -> None:
         self.workers_ = workers
-        self.applied: tuple[GatewayConfig, int] = (config, 1)  # what every worker serves
+        self.applied: tuple[GatewayConfig, int] = (config, version)  # what every worker serves
+        self._generations = itertools.count(1)  # one per prepare round, never reused
+        self._round = asyncio.Lock()  # a reload and a catch-up never interleave
+        self._catching_up: set[asyncio.Task[None]] = set()
+        for worker in workers:
+            worker.on_report = self._noticed
 
-    async def _apply_to(self, worker: _Worker, config: GatewayConfig, version: int) -> str | None:
-        """None when applied, else why not."""
-        message = {"type": "apply", "version": version, "config": config.model_dump(mode="json")}
+    @property
+    def timeout_s(self) -> float:
+        return self.applied[0].limits.worker_reply_timeout_ms / 1000.0
+
+    async def _order(self, worker: _Worker, message: dict[str, Any]) -> str | None:
+        """Sends a prepare or commit; None when done for that generation, else why not."""
         try:
-            reply = await worker.request(message)
+            reply = await worker.request(message, self.timeout_s)
         except (ConnectionError, TimeoutError) as exc:
-            return f"worker {worker.pid}: {exc or 'no reply in time'}"
+            return f"worker {worker.pid}: {str(exc) or 'no reply in time'} ({message['type']})"
+        if reply.get("generation") != message["generation"]:
+            return f"worker {worker.pid}: answered another generation ({message['type']})"
         if not reply.get("ok"):
             return f"worker {worker.pid}: " + "; ".join(reply.get("errors", ["refused"]))
         return None
 
-    async def apply(self, config: GatewayConfig, plan: Plan) -> None:
-        live = [w for w in self.workers_ if w.alive]
-        if not live:
-            raise ReloadError("apply_failed", ["(workers): no worker is running"])
-        outcomes = await asyncio.gather(*(self._apply_to(w, config, plan.version) for w in live))
-        failures = [why for why in outcomes if why is not None]
+    async def _round_on(
+        self, workers: list[_Worker], config: GatewayConfig, version: int
+    ) -> list[tuple[_Worker, str]]:
+        """Prepare on every one of `workers`, then commit on all, or abort on all. Raises
+        ReloadError when a prepare failed (then nobody commits); returns the commits that
+        were not acknowledged."""
+        generation = next(self._generations)
+        prepare = {
+            "type": "prepare",
+            "generation": generation,
+            "version": version,
+            "config": config.model_dump(mode="json"),
+        }
+        prepared = await asyncio.gather(*(self._order(w, prepare) for w in workers))
+        failures = [why for why in prepared if why is not None]
         if failures:
-            # All or nothing: put the workers that took the new config back on the old one.
-            old_config, old_version = self.applied
-            took = [w for w, why in zip(live, outcomes, strict=True) if why is None]
-            await asyncio.gather(*(self._apply_to(w, old_config, old_version) for w in took))
+            for worker in workers:
+                worker.notify({"type": "abort", "generation": generation})
             raise ReloadError("apply_failed", failures)
-        self.applied = (config, plan.version)
+        commit = {"type": "commit", "generation": generation}
+        committed = await asyncio.gather(*(self._order(w, commit) for w in workers))
+        missed = [(w, why) for w, why in zip(workers, committed, strict=True) if why is not None]
+        for worker, why in missed:
+            # Every worker holds the new Plan and some serve it already: no way back. This
+            # one commits when it reads the order, or is caught up; /status shows it behind.
+            worker.events["commit_unacknowledged"] += 1
+            log.error("%s; it is behind until it serves version %d", why, version)
+        return missed
+
+    async def apply(self, config: GatewayConfig, plan: Plan) -> None:
+        async with self._round:
+            live = [w for w in self.workers_ if w.alive]
+            if not live:
+                raise ReloadError("apply_failed", ["(workers): no worker is running"])
+            await self._round_on(live, config, plan.version)
+            self.applied = (config, plan.version)
+        for worker in live:
+            self._noticed(worker)
+
+    def _noticed(self, worker: _Worker) -> None:
+        """A worker spoke: if it serves another config than the current one, catch it up
+        (one catch-up task at a time, never during a reload)."""
+        if (
+            self._behind(worker)
+            and worker.responding
+            and not self._round.locked()
+            and not self._catching_up
+        ):
+            task = asyncio.get_running_loop().create_task(self._catch_up())
+            self._catching_up.add(task)
+            task.add_done_callback(self._catching_up.discard)
+
+    def _behind(self, worker: _Worker) -> bool:
+        return worker.alive and worker.version != self.applied[1]
+
+    async def _catch_up(self) -> None:
+        """Sends the current config, in a round of its own, to each responding worker that
+        serves another one."""
+        async with self._round:
+            config, version = self.applied
+            for worker in self.workers_:
+                if not (self._behind(worker) and worker.responding):
+                    continue
+                log.warning(
+                    "worker %d serves version %d: sending version %d",
+                    worker.pid,
+                    worker.version,
+                    version,
+                )
+                try:
+                    errors = [why for _, why in await self._round_on([worker], config, version)]
+                except ReloadError as exc:
+                    errors = exc.errors
+                if errors:
+                    worker.events["catch_up_failed"] += 1
+                    log.error("worker %d not caught up: %s", worker.pid, "; ".join(errors))
+                else:
+                    worker.events["caught_up"] += 1
 
     async def _ask(self, worker: _Worker, kind: str) -> dict[str, Any] | None:
         try:
-            return await worker.request({"type": kind})
+            return await worker.request({"type": kind}, self.timeout_s)
         except (ConnectionError, TimeoutError):
             return None
 
     async def workers(self) -> list[dict[str, Any]]:
+        """Each worker's own status, or what the parent last heard from one that is not
+        answering; with the config version it serves and whether that is the current one."""
         replies = await asyncio.gather(*(self._ask(w, "status") for w in self.workers_))
+        current = self.applied[1]
         out = []
         for worker, reply in zip(self.workers_, replies, strict=True):
+            known: dict[str, Any] = {
+                "worker": worker.index,
+                "pid": worker.pid,
+                "alive": worker.alive,
+                "exit_code": worker.exit_code,
+                "version": worker.version,
+            }
             if reply is not None and reply.get("ok"):
-                out.append({"worker": worker.index, **reply["status"]})
-            else:
-                out.append(
-                    {
-                        "worker": worker.index,
-                        "pid": worker.pid,
-                        "alive": worker.alive,
-                        "exit_code": worker.exit_code,
-                    }
-                )
+                known.update(reply["status"])
+            known.update(
+                responding=worker.responding,
+                current=known["version"] == current,
+                reload_events={k: worker.events[k] for k in _EVENTS},
+            )
+            out.append(known)
         return out
 
     async def counters(self) -> list[dict[str, CountSlice]]:
@@ -276,10 +282,12 @@ class WorkerPool:
         """Every live worker switches the rule before this returns (or it raises)."""
         message = {"type": "chaos_switch", "route": route, "rule": rule, "enabled": enabled}
         live = [w for w in self.workers_ if w.alive]
-        replies = await asyncio.gather(*(w.request(message) for w in live), return_exceptions=True)
+        replies = await asyncio.gather(
+            *(w.request(message, self.timeout_s) for w in live), return_exceptions=True
+        )
         for worker, reply in zip(live, replies, strict=True):
             if isinstance(reply, BaseException):
-                raise ConnectionError(f"worker {worker.pid}: {reply or 'no reply in time'}")
+                raise ConnectionError(f"worker {worker.pid}: {str(reply) or 'no reply in time'}")
             if not reply.get("ok"):
                 raise LookupError(f"worker {worker.pid}: " + "; ".join(reply.get("errors", [])))
 
@@ -383,7 +391,7 @@ def serve_workers(
                 # Only the parent may hold these: a worker must see EOF when the parent dies.
                 for sock in (parent_end, probe, admin_sock, *(s for _, s in children)):
                     sock.close()
-                code = uvloop.run(_worker_main(config, host, port, child_end))
+                code = uvloop.run(worker_main(config, host, port, child_end))
             except BaseException:
                 log.exception("worker %d failed", os.getpid())
             finally:
