@@ -704,7 +704,7 @@ def read_secret_file(path: str) -> str:
 
 class FeedbackSpec(_Strict):
     """Outcomes posted back to the gateway (POST `path` on the main listener), and what a
-    post must show before it is believed (see SECURITY-feedback.md)."""
+    post must show before it is believed (see SECURITY.md, "Feedback")."""
 
     enabled: bool = True
     path: str = "/_modelgate/feedback"
