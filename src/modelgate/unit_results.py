@@ -47,15 +47,15 @@ def metric_plan(
 ) -> dict[str, tuple[str, str]]:
     """Per metric to test: (method, the engine's denominator key). Declared kinds win; a
     covariate makes a mean CUPED; otherwise a metric whose values are all 0/1 is a
-    proportion, any other a mean. A metric used only as a covariate is not tested: it was
-    measured before exposure, so it differs between arms by chance alone."""
+    proportion, any other a mean. A covariate without a kind of its own is not tested: it
+    was measured before exposure, so it differs between arms by chance alone."""
     declared: dict[str, dict[str, Any]] = analysis.get("metrics") or {}
     covariates = {s["covariate"] for s in declared.values() if s.get("covariate")}
     plan: dict[str, tuple[str, str]] = {}
     for metric in seen:
         spec = declared.get(metric, {})
         kind = spec.get("kind")
-        if kind is None and metric in covariates and metric not in declared:
+        if kind is None and metric in covariates:
             continue
         if spec.get("covariate"):
             plan[metric] = ("cuped", spec["covariate"])
