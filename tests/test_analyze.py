@@ -14,37 +14,46 @@ import pytest
 from modelgate.analyze import event_results_from_logs, results_from_logs
 from modelgate.cli import main
 from modelgate.mock import MockSettings
+from modelgate.outcomes import experiment_designs
+from modelgate.results import experiment_results
 
-from .support import admin_stack, async_test, free_port, get_json
-from .test_results import analysis_config, drive
+from .support import admin_stack, async_test, free_port
+from .test_results import analysis_config, drive, flushed_results
 
 MOCKS = {"model-a": MockSettings(name="model-a"), "model-b": MockSettings(name="model-b")}
 
 
-def live_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[dict[str, Any], str]:
-    """Traffic and feedback through a gateway logging to tmp_path; returns the live results
-    and what `modelgate analyze --admin` printed meanwhile."""
+def live_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Traffic and feedback through a gateway logging to tmp_path; returns GET
+    /experiments/ranker (over units, from the files once flushed), the per-event results of
+    the live snapshot, and what `modelgate analyze --admin` printed meanwhile."""
 
     @async_test
-    async def run() -> tuple[dict[str, Any], str]:
-        async with admin_stack(analysis_config(log_dir=str(tmp_path)), MOCKS) as admin:
-            await drive(admin.stack.url, 300, seed=5)
+    async def run() -> tuple[dict[str, Any], dict[str, Any], str]:
+        config = analysis_config(log_dir=str(tmp_path))
+        async with admin_stack(config, MOCKS) as admin:
+            sent = await drive(admin.stack.url, 300, seed=5)
             async with aiohttp.ClientSession() as session:
-                status, body = await get_json(session, admin.admin_url + "/experiments/ranker")
-            assert status == 200
+                body = await flushed_results(session, admin.admin_url, sent)
+            design = experiment_designs(admin.control.config)["ranker"]
+            events = experiment_results(design, await admin.control.outcomes())
             argv = ["analyze", "--admin", admin.admin_url, "--experiment", "ranker"]
             code = await asyncio.to_thread(main, argv)
             assert code == 0
-            return body, capsys.readouterr().out
+            return body, events, capsys.readouterr().out
 
     return run()
 
 
 def test_files_give_the_live_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    live, printed = live_run(tmp_path, capsys)
+    body, live, printed = live_run(tmp_path, capsys)
     assert "experiment ranker (control: control" in printed
-    assert "welch" in printed and "proportion" in printed and "SRM: chi2" in printed
+    assert "unit of analysis: the unit" in printed and "SRM over units: chi2" in printed
+    assert "  rating   candidate        mean         t" in printed
 
+    # The per-event analysis of the files equals the live snapshot's, value for value.
     (offline,), timelines, join = event_results_from_logs(str(tmp_path), "ranker", None)
     assert join == {"joined": 600}  # every rating and click found its exposure
     assert [(v["name"], v["n"]) for v in offline["variants"]] == [
@@ -81,6 +90,16 @@ def test_files_give_the_live_results(tmp_path: Path, capsys: pytest.CaptureFixtu
     # gbstats' (t at the Welch df) instead of the normal one, so equal to about 1%.
     (units,), _, excluded = results_from_logs(str(tmp_path), "ranker", None)
     assert units["unit_of_analysis"] == "unit" and excluded == {"excluded": 0}
+    # The admin API reads the same engine (with one DuckDB thread: sums in another order).
+    for mine, theirs in zip(units["comparisons"], body["comparisons"], strict=True):
+        assert mine.keys() == theirs.keys()
+        for key, value in mine.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(theirs[key], rel=1e-9), key
+            else:
+                assert value == theirs[key], key
+    assert [v["units"] for v in body["variants"]] == [v["units"] for v in units["variants"]]
+    assert body["srm"] == units["srm"]
     assert [v["units"] for v in units["variants"]] == [v["n"] for v in live["variants"]]
     assert units["srm"]["p_value"] == pytest.approx(live["srm"]["p_value"], rel=1e-12)
     for mine, theirs in zip(units["variants"], live["variants"], strict=True):
