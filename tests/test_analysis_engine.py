@@ -229,3 +229,21 @@ def test_parquet_flag(logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "needs --logs" in capsys.readouterr().err
     assert main(["analyze", "--logs", str(tmp_path / "nope"), "--parquet", "x"]) == 1
     assert "not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("by_request", [0.0, 1.0])
+def test_feedback_of_one_kind_only_is_read(tmp_path: Path, by_request: float) -> None:
+    """Files with feedback only by unit (or only by request id): the other kind's table is
+    empty, not an error (a strided view of no records failed before, found by issue 13's
+    results through the demo)."""
+    write_synthetic(
+        tmp_path, Synthetic(units=50, exposures=300, feedback=200, by_request=by_request)
+    )
+    engine = AnalysisEngine.from_logs(tmp_path)
+    units = engine.query("ranker")
+    assert sum(units.values["revenue"].values()) > 0
+    assert set(engine.binary_metrics("ranker")) == {"clicks", "revenue", "views"}
+    assert (
+        engine.binary_metrics("ranker")["clicks"] and not engine.binary_metrics("ranker")["views"]
+    )
+    engine.close()

@@ -128,3 +128,122 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
         check=False,
     )
     assert good.returncode == 0, good.stdout + good.stderr
+
+
+# --- analysis.metrics (issue 13): metric kinds, denominators, covariates -----------------
+
+
+def _with_analysis(analysis: dict[str, Any], declared: list[str] | None = None) -> dict[str, Any]:
+    raw = ab_config()
+    raw["routes"][0]["experiment"]["analysis"] = analysis
+    if declared is not None:
+        raw["feedback"] = {"metrics": {m: {} for m in declared}}
+    return raw
+
+
+A = "routes[0].experiment.analysis"
+
+
+def test_analysis_metric_kinds_and_sequential_are_accepted() -> None:
+    raw = _with_analysis(
+        {
+            "metrics": {
+                "revenue": {"kind": "mean", "covariate": "pre_revenue"},
+                "pre_revenue": {},
+                "converted": {"kind": "proportion"},
+                "clicks": {"kind": "ratio", "denominator": "exposures"},
+                "ctr": {"kind": "ratio", "denominator": "views"},
+                "views": {"kind": "mean"},
+            },
+            "sequential": True,
+            "sequential_tuning": 2000,
+        }
+    )
+    spec = validate_config(raw).routes[0].experiment
+    assert spec is not None and spec.analysis.sequential
+    assert spec.analysis.metrics["ctr"].denominator == "views"
+    assert spec.analysis.metrics["pre_revenue"].kind is None  # decided from the values
+
+
+@pytest.mark.parametrize(
+    ("analysis", "declared", "expected"),
+    [
+        (
+            {"metrics": {"x": {"kind": "median"}}},
+            None,
+            f"{A}.metrics.x.kind: Input should be 'mean', 'proportion' or 'ratio'",
+        ),
+        (
+            {"metrics": {"x": {"kind": "ratio"}}},
+            None,
+            f"{A}.metrics.x: a ratio needs a denominator (`exposures` or another metric)",
+        ),
+        (
+            {"metrics": {"x": {"kind": "mean", "denominator": "exposures"}}},
+            None,
+            f"{A}.metrics.x: denominator is for kind ratio only",
+        ),
+        (
+            {"metrics": {"x": {"kind": "ratio", "denominator": "exposures", "covariate": "y"}}},
+            None,
+            f"{A}.metrics.x: a covariate (CUPED) adjusts a mean: not available for kind ratio",
+        ),
+        (
+            {"metrics": {"x": {"kind": "proportion", "covariate": "y"}}},
+            None,
+            f"{A}.metrics.x: a covariate (CUPED) adjusts a mean: not available for kind proportion",
+        ),
+        (
+            {"metrics": {"x": {"kind": "ratio", "denominator": "views"}}},
+            None,
+            f"{A}.metrics.x.denominator: 'views' is not a declared metric (give `exposures` or "
+            "a metric of analysis.metrics or feedback.metrics: x)",
+        ),
+        (
+            {"metrics": {"x": {"covariate": "pre"}}},
+            ["x", "y"],
+            f"{A}.metrics.x.covariate: 'pre' is not a declared metric (give a metric of "
+            "analysis.metrics or feedback.metrics: x, y)",
+        ),
+        (
+            {"metrics": {"x": {"covariate": "x"}}},
+            None,
+            f"{A}.metrics.x.covariate: 'x' cannot be its own covariate",
+        ),
+        (
+            {"metrics": {"x": {"kind": "ratio", "denominator": "x"}}},
+            None,
+            f"{A}.metrics.x.denominator: 'x' cannot be its own denominator",
+        ),
+        (
+            {"metrics": {"z": {"kind": "mean"}}},
+            ["x"],
+            f"{A}.metrics.z: unknown feedback metric 'z' (feedback.metrics declares x)",
+        ),
+        (
+            {"metrics": {"x": {"kind": "mean", "weight": 2}}},
+            None,
+            f"{A}.metrics.x.weight: unknown key",
+        ),
+        ({"metrics": {"bad name": {}}}, None, f"{A}.metrics.bad name.[key]"),
+        ({"sequential": "often"}, None, f"{A}.sequential: Input should be a valid boolean"),
+        ({"sequential_tuning": 0}, None, f"{A}.sequential_tuning: Input should be greater than 0"),
+    ],
+)
+def test_bad_analysis_metrics_are_refused_with_their_key_path(
+    analysis: dict[str, Any], declared: list[str] | None, expected: str
+) -> None:
+    errors = errors_of(_with_analysis(analysis, declared))
+    assert len(errors) == 1 and errors[0].startswith(expected), errors
+
+
+def test_bad_analysis_is_refused_by_modelgate_check(tmp_path: Path) -> None:
+    import yaml
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_with_analysis({"metrics": {"x": {"kind": "ratio"}}})))
+    done = subprocess.run(
+        [sys.executable, "-m", "modelgate", "check", str(path)], capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert f"{A}.metrics.x: a ratio needs a denominator" in done.stdout + done.stderr

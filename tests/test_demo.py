@@ -61,12 +61,13 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     # The A/B result it prints is the gateway's; recomputed from its own files, it is equal.
     status, live = demo.report["experiment"]
     assert status == 200
-    (offline,) = results_from_logs(str(demo.log_dir), "digits", None)[0]
+    (offline,) = results_from_logs(str(demo.log_dir), "digits", None, timelines=False)[0]
     (live_cmp,) = [c for c in live["comparisons"] if c["metric"] == "correct"]
     (file_cmp,) = [c for c in offline["comparisons"] if c["metric"] == "correct"]
     for key in ("diff", "ci_low", "ci_high", "p_value"):
         assert file_cmp[key] == pytest.approx(live_cmp[key], rel=1e-9), key
     assert live_cmp["test"] == "proportion"  # correct/incorrect is a binary metric
+    assert live["unit_of_analysis"] == "unit" and live["source"] == "logs"
     assert Path(demo.report["html"]).exists()
     # The canary on /rollout got its own traffic and a controller that reports on it.
     assert demo.report["rollout"]["responses"] > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -145,9 +146,14 @@ def check_results(body: dict[str, Any], sent: dict[str, dict[str, list[float]]])
     assert sizes["clicked"]["n_per_arm"] == int(np.ceil(n_clicked))
 
 
+# Without exposure records the results are the live snapshot's, per event (the former
+# analysis): these tests keep it checked. With them, see test_results_over_units_from_logs.
+LIVE_ONLY = {"exposures": {"enabled": False}}
+
+
 @async_test
 async def test_results_equal_scipy_on_the_values_posted() -> None:
-    async with admin_stack(analysis_config(), MOCKS) as admin:
+    async with admin_stack(analysis_config(**LIVE_ONLY), MOCKS) as admin:
         sent = await drive(admin.stack.url, 400)
         async with aiohttp.ClientSession() as session:
             status, body = await get_json(session, admin.admin_url + "/experiments/ranker")
@@ -165,7 +171,7 @@ async def test_results_equal_scipy_on_the_values_posted() -> None:
 
 @async_test
 async def test_results_before_any_feedback_and_with_an_srm() -> None:
-    config = analysis_config()
+    config = analysis_config(**LIVE_ONLY)
     async with admin_stack(config, MOCKS) as admin, aiohttp.ClientSession() as session:
         # Every unit forced onto the candidate: the observed split is far from 50/50.
         units = [f"u{i}" for i in range(300)]
@@ -228,15 +234,79 @@ def test_results_with_two_workers(tmp_path: Path) -> None:
                 sent = await drive(url, 300, seed=11, clicks_by_request_id=False)
                 _, status = await get_json(session, admin + "/status")
                 served = [w["pid"] for w in status["workers"]]
-                status_code, body = await get_json(session, admin + "/experiments/ranker")
-            assert status_code == 200
+                body = await flushed_results(session, admin, sent)
             assert len(served) == 2
-            check_results(body, sent)
+            check_unit_results(body, sent)
         finally:
             await runner.cleanup()
 
     with ServeProcesses(tmp_path) as processes:
         run()
+
+
+async def flushed_results(
+    session: aiohttp.ClientSession, admin: str, sent: dict[str, dict[str, list[float]]]
+) -> dict[str, Any]:
+    """GET /experiments/ranker once every value sent is in the files: the writers flush
+    once a second, so results from log_dir lag the traffic by up to that (`as_of`)."""
+    total = sum(len(v) for v in sent["clicked"].values())
+    deadline = time.monotonic() + 10.0
+    while True:
+        status, body = await get_json(session, admin + "/experiments/ranker")
+        assert status == 200, body
+        values = [
+            sum(v["metrics"].get(m, {}).get("values", 0) for v in body["variants"])
+            for m in ("rating", "clicked")
+        ]
+        if values == [total, total] or time.monotonic() > deadline:
+            found: dict[str, Any] = body
+            return found
+        await asyncio.sleep(0.2)
+
+
+def check_unit_results(body: dict[str, Any], sent: dict[str, dict[str, list[float]]]) -> None:
+    """Results over units (issue 13) from log_dir, one request and one value of each metric
+    per unit: the means and Welch test are the per-value ones; the proportion's difference
+    too, its interval gbstats' (t at the Welch df)."""
+    assert body["unit_of_analysis"] == "unit" and body["source"] == "logs"
+    assert body["as_of"] and "flush" in body["as_of_note"]
+    variants = {v["name"]: v for v in body["variants"]}
+    a, b = sent["rating"]["control"], sent["rating"]["candidate"]
+    assert [variants["control"]["units"], variants["candidate"]["units"]] == [len(a), len(b)]
+    by_metric = {c["metric"]: c for c in body["comparisons"]}
+    welch = by_metric["rating"]
+    theirs = scipy_stats.ttest_ind(b, a, equal_var=False)
+    ci = theirs.confidence_interval(0.95)
+    assert (welch["method"], welch["interval"]) == ("mean", "t")
+    assert welch["p_value"] == pytest.approx(theirs.pvalue, rel=1e-9)
+    assert (welch["ci_low"], welch["ci_high"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    xa, xb = sent["clicked"]["control"], sent["clicked"]["candidate"]
+    assert by_metric["clicked"]["method"] == "proportion"
+    assert by_metric["clicked"]["diff"] == pytest.approx(np.mean(xb) - np.mean(xa), rel=1e-9)
+    srm = scipy_stats.chisquare([len(a), len(b)])
+    assert body["srm"]["p_value"] == pytest.approx(srm.pvalue, rel=1e-9)
+
+
+def test_results_over_units_from_logs(tmp_path: Path) -> None:
+    """With exposures recorded, GET /experiments/{name} reads log_dir through the analysis
+    engine: per unit, saying when the records were read up to."""
+
+    @async_test
+    async def run() -> None:
+        async with (
+            admin_stack(analysis_config(log_dir=str(tmp_path)), MOCKS) as admin,
+            aiohttp.ClientSession() as session,
+        ):
+            status, empty = await get_json(session, admin.admin_url + "/experiments/ranker")
+            assert status == 200 and empty["unit_of_analysis"] == "unit"
+            assert [v["units"] for v in empty["variants"]] == [0, 0]
+            assert empty["comparisons"] == [] and empty["srm"]["error"] == "no units enrolled yet"
+            sent = await drive(admin.stack.url, 300, seed=3)
+            check_unit_results(await flushed_results(session, admin.admin_url, sent), sent)
+            status, listing = await get_json(session, admin.admin_url + "/experiments")
+            assert status == 200 and listing["experiments"][0]["source"] == "logs"
+
+    run()
 
 
 def test_bad_analysis_settings_name_their_key_paths() -> None:

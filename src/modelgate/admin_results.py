@@ -1,15 +1,23 @@
-"""Admin API: `GET /experiments` and `GET /experiments/{name}`, an experiment's results merged
-over every worker (see modelgate.results); also the JSON helpers the admin extensions share.
+"""Admin API: `GET /experiments` and `GET /experiments/{name}`, an experiment's results: over
+units from the exposure and feedback records in log_dir (the analysis engine, run in a
+thread; issue 13), or, when exposures are not recorded, per event from the live snapshot
+merged over every worker (modelgate.results); also the JSON helpers the admin extensions
+share.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from modelgate.config import GatewayConfig
 from modelgate.control import ControlPlane
 from modelgate.http11 import is_valid_request_id
 from modelgate.outcomes import experiment_designs
@@ -33,31 +41,66 @@ def json_error(request: web.Request, status: int, code: str, detail: str) -> web
     return json_response(status, {"error": code, "detail": detail, "request_id": rid})
 
 
+# The record writers flush once a second: results from the files lag the traffic by that.
+FLUSH_LAG_S = 1.0
+
+
+def _from_logs(log_dir: str, designs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-unit results of each design from the records in log_dir (blocking: a thread)."""
+    from modelgate.analysis_engine import AnalysisEngine, ExperimentUnits
+    from modelgate.stats import UnitStats
+    from modelgate.unit_results import ratio_pairs, unit_results
+
+    as_of = datetime.fromtimestamp(time.time() - FLUSH_LAG_S, UTC).isoformat(timespec="seconds")
+    note = f"records reach log_dir within {FLUSH_LAG_S:g} s (the writers flush once a second)"
+    engine = AnalysisEngine.from_logs(log_dir, threads=1)
+    try:
+        out = []
+        for design in designs:
+            name = design["name"]
+            if name in engine.experiments():
+                units = engine.query(name, ratio_pairs(design))
+                binary = engine.binary_metrics(name)
+            else:  # nobody exposed yet
+                variants = list(design["variants"])
+                units = ExperimentUnits(name, variants, {v: UnitStats() for v in variants})
+                binary = {}
+            found = unit_results(design, units, binary)
+            out.append({**found, "source": "logs", "as_of": as_of, "as_of_note": note})
+        return out
+    finally:
+        engine.close()
+
+
+def _logged(config: GatewayConfig) -> bool:
+    """Whether the results can come from the records: exposures on and log_dir there."""
+    return config.exposures.enabled and Path(config.log_dir).is_dir()
+
+
 def add_result_routes(app: web.Application, control: ControlPlane) -> None:
     """Registers the results endpoints on the admin app."""
 
-    # Imported on the first call: the statistics need scipy, which takes ~0.6 s to import,
-    # and the gateway should not wait for it at start-up.
-    async def all_results(request: web.Request) -> web.Response:
+    async def results_of(designs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        config = control.config
+        if _logged(config):
+            return await asyncio.to_thread(_from_logs, config.log_dir, designs)
+        # Imported on the first call: the statistics need scipy (~0.6 s to import).
         from modelgate.results import experiment_results
 
-        designs = experiment_designs(control.config)
         snapshot = await control.outcomes()
+        return [{**experiment_results(d, snapshot), "source": "live"} for d in designs]
+
+    async def all_results(request: web.Request) -> web.Response:
+        version = control.version
+        found = await results_of(list(experiment_designs(control.config).values()))
         return json_response(
             200,
-            {
-                "version": control.version,
-                "experiments": [
-                    {"version": control.version, **experiment_results(d, snapshot)}
-                    for d in designs.values()
-                ],
-            },
+            {"version": version, "experiments": [{"version": version, **r} for r in found]},
         )
 
     async def one_result(request: web.Request) -> web.Response:
-        from modelgate.results import experiment_results
-
         name = request.match_info["name"]
+        version = control.version
         designs = experiment_designs(control.config)
         design = designs.get(name)
         if design is None:
@@ -67,10 +110,8 @@ def add_result_routes(app: web.Application, control: ControlPlane) -> None:
                 "unknown_experiment",
                 f"no experiment named {name!r} (running: {sorted(designs)})",
             )
-        snapshot = await control.outcomes()
-        return json_response(
-            200, {"version": control.version, **experiment_results(design, snapshot)}
-        )
+        (found,) = await results_of([design])
+        return json_response(200, {"version": version, **found})
 
     app.router.add_get("/experiments", all_results)
     app.router.add_get("/experiments/{name}", one_result)

@@ -219,6 +219,17 @@ class AnalysisEngine:
                 counted[variant] = int(row["n_values"])
         return result
 
+    def binary_metrics(self, experiment: str) -> dict[str, bool]:
+        """Per metric of the experiment's feedback: True when every value is 0 or 1. A
+        metric without a declared kind is then analysed as a proportion (modelgate.results
+        decides the same from the live moments)."""
+        cursor = self.connection.execute(
+            "SELECT metric, bool_and(value = 0 OR value = 1) FROM feedback "
+            "WHERE experiment = $experiment GROUP BY metric",
+            {"experiment": self._id("experiment", experiment)},
+        )
+        return {str(self._name("metric", m)): bool(b) for m, b in cursor.fetchall()}
+
     def close(self) -> None:
         self.connection.close()
 

@@ -96,6 +96,8 @@ def _field(data: np.ndarray, name: str, dtype: Any = None, skip: int = 0) -> np.
     fields: Any = data.dtype.fields
     kind = np.dtype(dtype or data.dtype[name])
     offset = fields[name][1] + skip
+    if len(data) == 0:  # no buffer to offset into (a file with feedback of one kind only)
+        return np.empty(0, kind)
     view = np.ndarray(len(data), kind, buffer=data, offset=offset, strides=(data.itemsize,))
     return np.ascontiguousarray(view)
 

@@ -12,7 +12,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AnalyzeError", "configure_parser", "format_results", "results_from_admin"]
+__all__ = [
+    "AnalyzeError",
+    "configure_parser",
+    "event_results_from_logs",
+    "format_results",
+    "format_unit_results",
+    "results_from_admin",
+    "results_from_logs",
+]
 
 TOKEN_ENV = "MODELGATE_ADMIN_TOKEN"
 TOKEN_FILE_ENV = "MODELGATE_ADMIN_TOKEN_FILE"
@@ -47,17 +55,9 @@ def results_from_admin(url: str, experiment: str | None, token: str | None) -> l
     return experiments
 
 
-def results_from_logs(
-    log_dir: str, experiment: str | None, config: str | None
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], dict[str, int]]:
-    """Results recomputed from the files, their timelines, and the join counts."""
-    from modelgate.analyze_logs import load_logs, snapshot_of, timeline_of
-    from modelgate.results import experiment_results
-
-    if not Path(log_dir).is_dir():
-        raise AnalyzeError(f"--logs {log_dir}: not a directory")
-    data = load_logs(log_dir)
-    designs = data.designs
+def _designs(log_dir: str, found: dict[str, dict[str, Any]], config: str | None) -> dict[str, Any]:
+    """The experiments' designs: from --config when given, else from the files' sidecars."""
+    designs = found
     if config is not None:
         from modelgate.config import ConfigError, load_config
         from modelgate.outcomes import experiment_designs
@@ -70,16 +70,75 @@ def results_from_logs(
         raise AnalyzeError(
             f"--logs {log_dir}: no exposure records with experiment designs; give --config"
         )
+    return designs
+
+
+def _names(designs: dict[str, Any], experiment: str | None) -> list[str]:
     names = [experiment] if experiment else sorted(designs)
     for name in names:
         if name not in designs:
             raise AnalyzeError(f"no experiment named {name!r} (in the files: {sorted(designs)})")
+    return names
+
+
+def event_results_from_logs(
+    log_dir: str, experiment: str | None, config: str | None
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], dict[str, int]]:
+    """The former per-event results (each request and outcome a sample, as the live
+    snapshot counts them), their timelines, and the join counts: `--per-event`."""
+    from modelgate.analyze_logs import load_logs, snapshot_of, timeline_of
+    from modelgate.results import experiment_results
+
+    if not Path(log_dir).is_dir():
+        raise AnalyzeError(f"--logs {log_dir}: not a directory")
+    data = load_logs(log_dir)
+    designs = _designs(log_dir, data.designs, config)
+    names = _names(designs, experiment)
     snapshot = snapshot_of(data)
     results = [experiment_results(designs[name], snapshot) for name in names]
     timelines = {
         name: timeline_of(data, name, float(designs[name]["analysis"]["alpha"])) for name in names
     }
     return results, timelines, dict(data.join)
+
+
+def results_from_logs(
+    log_dir: str, experiment: str | None, config: str | None, *, timelines: bool = True
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], dict[str, int]]:
+    """Results over units from the files (the analysis engine, issue 13), the timelines of
+    the HTML report (per event; only when `timelines`), and the values no enrolled exposure
+    claims (`excluded`, summed over metrics)."""
+    from modelgate.analysis_engine import AnalysisEngine, AnalysisError
+    from modelgate.unit_results import ratio_pairs, unit_results
+
+    if not Path(log_dir).is_dir():
+        raise AnalyzeError(f"--logs {log_dir}: not a directory")
+    try:
+        engine = AnalysisEngine.from_logs(log_dir)
+    except AnalysisError as exc:
+        raise AnalyzeError(f"--logs {exc}") from exc
+    try:
+        designs = _designs(log_dir, engine.designs, config)
+        names = _names(designs, experiment)
+        results = []
+        excluded = 0
+        for name in names:
+            if name not in engine.experiments():
+                raise AnalyzeError(f"--logs {log_dir}: no exposure records of experiment {name!r}")
+            units = engine.query(name, ratio_pairs(designs[name]))
+            results.append(unit_results(designs[name], units, engine.binary_metrics(name)))
+            excluded += sum(n for _, n in units.excluded.values())
+    finally:
+        engine.close()
+    plots: dict[str, dict[str, Any]] = {}
+    if timelines:
+        from modelgate.analyze_logs import load_logs, timeline_of
+
+        data = load_logs(log_dir)
+        plots = {
+            n: timeline_of(data, n, float(r["alpha"])) for n, r in zip(names, results, strict=True)
+        }
+    return results, plots, {"excluded": excluded}
 
 
 def _num(value: Any, spec: str = ".4g") -> str:
@@ -103,8 +162,123 @@ def _table(rows: list[list[str]], left: int = 2) -> list[str]:
     ]
 
 
+_INTERVALS = {"t": "t", "confidence-sequence": "cs"}
+
+
+def _format_comparisons(result: dict[str, Any], level: str, per_unit: bool) -> list[str]:
+    """The treatment-vs-control rows; per unit, each row says how its interval was made."""
+    tests = result["multiple_testing"]["tests"]
+    head = f"  vs {result['control']} (Holm over {tests} tests; * below alpha"
+    if per_unit:
+        head += (
+            "; interval t: fixed horizon, read once; cs: confidence sequence, valid at every look"
+        )
+    lines = ["", head + ")"]
+    method = ["method", "interval"] if per_unit else ["test"]
+    rows = [["metric", "variant", *method, "diff", f"{level} CI", "lift", "lift CI", "p", "p Holm"]]
+    for c in result["comparisons"]:
+        how = [c["test"]]
+        if per_unit:
+            how = [c["method"], _INTERVALS.get(c.get("interval", ""), c.get("interval", ""))]
+        if c.get("p_value") is None:
+            rows.append([c["metric"], c.get("variant", "-"), *how, c.get("error", "")])
+            rows[-1] += [""] * (len(rows[0]) - len(rows[-1]))
+            continue
+        mark = " *" if c.get("significant") else ""
+        rows.append(
+            [
+                c["metric"],
+                c["variant"],
+                *how,
+                _num(c["diff"], "+.4g"),
+                f"[{_num(c['ci_low'], '+.4g')}, {_num(c['ci_high'], '+.4g')}]",
+                _pct(c["rel_diff"]),
+                f"[{_pct(c['rel_ci_low'])}, {_pct(c['rel_ci_high'])}]",
+                _num(c["p_value"]),
+                _num(c.get("p_value_holm")) + mark,
+            ]
+        )
+    return lines + _table(rows)
+
+
+def format_unit_results(result: dict[str, Any]) -> str:
+    """Per-unit results (modelgate.unit_results) as text: units, not requests, are the
+    samples, and each interval says how it was made."""
+    alpha = result["alpha"]
+    how = "confidence sequences" if result["sequential"] else "fixed-horizon t intervals"
+    lines = [
+        f"experiment {result['experiment']} (control: {result['control']}, alpha {alpha:g}"
+        + (f", config version {result['version']})" if "version" in result else ")"),
+        f"  unit of analysis: the unit (the id the experiment hashes), not the request; {how}",
+    ]
+    total = sum(v["units"] for v in result["variants"]) or 1
+    rows = [["variant", "weight", "units", "share", "exposures", "switched"]]
+    for v in result["variants"]:
+        share = f"{v['units'] / total:.4f}"
+        rows.append(
+            [v["name"], _num(v["weight"]), str(v["units"]), share, str(v["exposures"])]
+            + [str(v["switched"])]
+        )
+    lines += _table(rows, left=1)
+    srm = result["srm"]
+    verdict = "MISMATCH: do not trust these results" if srm["mismatch"] else "ok"
+    if srm.get("error"):
+        lines.append(f"  SRM over units: {srm['error']}")
+    elif srm.get("chi2") is None:
+        lines.append(
+            f"  SRM over units (sequential, valid at every look): p {_num(srm['p_value'])} "
+            f"({verdict})"
+        )
+    else:
+        lines.append(
+            f"  SRM over units: chi2 {_num(srm['chi2'])}, p {_num(srm['p_value'])} ({verdict})"
+        )
+    if result["metrics"]:
+        rows = [["metric", "variant", "kind", "units", "values", "estimate", "sd per unit"]]
+        for metric, info in sorted(result["metrics"].items()):
+            kind = info["method"] + (
+                f" / {info['denominator']}" if info["method"] == "ratio" else ""
+            )
+            for v in result["variants"]:
+                s = v["metrics"].get(metric)
+                if s is None:
+                    continue
+                sd = s["variance"] ** 0.5 if s["variance"] is not None else None
+                rows.append(
+                    [metric, v["name"], kind, str(s["units"]), str(s["values"]), _num(s["mean"])]
+                    + [_num(sd)]
+                )
+        lines += ["", *_table(rows, left=3)]
+    if result["comparisons"]:
+        lines += _format_comparisons(result, f"{1 - alpha:.0%}", per_unit=True)
+    for metric, out in result.get("excluded", {}).items():
+        lines.append(
+            f"  {metric}: {out['values']} values of {out['units']} units left out "
+            "(no enrolled exposure claims them)"
+        )
+    lines += _format_sample_sizes(result, "units")
+    return "\n".join(lines)
+
+
+def _format_sample_sizes(result: dict[str, Any], what: str = "") -> list[str]:
+    if not result["sample_size"]:
+        return []
+    per = f"{what} per arm" if what else "per arm"
+    lines = ["", f"  sample size {per} for the mde (power {result['power']:g})"]
+    for s in result["sample_size"]:
+        if s.get("n_per_arm") is None:
+            lines.append(f"  {s['metric']}: mde {s['mde']:g}: {s.get('error', 'unknown')}")
+            continue
+        still = ", ".join(f"{k} {n}" for k, n in s["still_needed"].items())
+        head = f"  {s['metric']}: mde {s['mde']:g}: {s['n_per_arm']} per arm"
+        lines.append(f"{head}; still needed: {still}")
+    return lines
+
+
 def format_results(result: dict[str, Any]) -> str:
     """One experiment's results as the text table `modelgate analyze` prints."""
+    if result.get("unit_of_analysis") == "unit":
+        return format_unit_results(result)
     alpha = result["alpha"]
     level = f"{1 - alpha:.0%}"
     lines = [
@@ -140,41 +314,8 @@ def format_results(result: dict[str, Any]) -> str:
                 rows.append([metric, v["name"], str(s["count"]), _num(s["mean"]), _num(sd), ones])
         lines += ["", *_table(rows)]
     if result["comparisons"]:
-        tests = result["multiple_testing"]["tests"]
-        lines += ["", f"  vs {result['control']} (Holm over {tests} tests; * below alpha)"]
-        rows = [
-            ["metric", "variant", "test", "diff", f"{level} CI", "lift", "lift CI", "p", "p Holm"]
-        ]
-        for c in result["comparisons"]:
-            if c.get("p_value") is None:
-                rows.append(
-                    [c["metric"], c["variant"], c["test"], c.get("error", ""), "", "", "", "", ""]
-                )
-                continue
-            mark = " *" if c.get("significant") else ""
-            rows.append(
-                [
-                    c["metric"],
-                    c["variant"],
-                    c["test"],
-                    _num(c["diff"], "+.4g"),
-                    f"[{_num(c['ci_low'], '+.4g')}, {_num(c['ci_high'], '+.4g')}]",
-                    _pct(c["rel_diff"]),
-                    f"[{_pct(c['rel_ci_low'])}, {_pct(c['rel_ci_high'])}]",
-                    _num(c["p_value"]),
-                    _num(c.get("p_value_holm")) + mark,
-                ]
-            )
-        lines += _table(rows)
-    if result["sample_size"]:
-        lines += ["", f"  sample size per arm for the mde (power {result['power']:g})"]
-        for s in result["sample_size"]:
-            if s.get("n_per_arm") is None:
-                lines.append(f"  {s['metric']}: mde {s['mde']:g}: {s.get('error', 'unknown')}")
-                continue
-            still = ", ".join(f"{k} {n}" for k, n in s["still_needed"].items())
-            head = f"  {s['metric']}: mde {s['mde']:g}: {s['n_per_arm']} per arm"
-            lines.append(f"{head}; still needed: {still}")
+        lines += _format_comparisons(result, level, per_unit=False)
+    lines += _format_sample_sizes(result)
     return "\n".join(lines)
 
 
@@ -239,12 +380,20 @@ def run(ns: argparse.Namespace) -> int:
             source = f"live results from {ns.admin}"
             if ns.logs is not None:  # plots over time from the files
                 _, timelines, _ = results_from_logs(ns.logs, ns.experiment, ns.config)
-        else:
-            results, timelines, join = results_from_logs(ns.logs, ns.experiment, ns.config)
+        elif ns.per_event:
+            results, timelines, join = event_results_from_logs(ns.logs, ns.experiment, ns.config)
             source = (
-                f"recomputed from {ns.logs}: feedback joined to exposures {join.get('joined', 0)}, "
-                f"not joined {join.get('unjoined', 0)}, attributed to another variant than "
-                f"logged {join.get('moved', 0)}"
+                f"recomputed per event from {ns.logs}: feedback joined to exposures "
+                f"{join.get('joined', 0)}, not joined {join.get('unjoined', 0)}, attributed to "
+                f"another variant than logged {join.get('moved', 0)}"
+            )
+        else:
+            results, timelines, counts = results_from_logs(
+                ns.logs, ns.experiment, ns.config, timelines=ns.html is not None
+            )
+            source = (
+                f"recomputed over units from {ns.logs} (DuckDB); feedback values that no "
+                f"enrolled exposure claims: {counts['excluded']}"
             )
     except AnalyzeError as exc:
         print(f"modelgate analyze: {exc}", file=sys.stderr)
@@ -278,6 +427,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--config", metavar="FILE", help="with --logs: take the experiments' design from here"
     )
     parser.add_argument("--html", metavar="FILE", help="also write an HTML report with plots")
+    parser.add_argument(
+        "--per-event",
+        action="store_true",
+        help="with --logs: the former analysis that counts each request and outcome as a "
+        "sample (understates the variance when units come back; for comparison)",
+    )
     parser.add_argument(
         "--parquet",
         metavar="OUT",

@@ -27,6 +27,9 @@ from pydantic import (
 from modelgate.config_document import DocumentError, check_document, load_yaml, path_key
 
 __all__ = [
+    "METRIC_KINDS",
+    "AnalysisMetricSpec",
+    "AnalysisSpec",
     "CanaryCheck",
     "CanarySpec",
     "ChaosRule",
@@ -395,10 +398,38 @@ class SegmentSpec(_Strict):
     weights: dict[str, float] = Field(min_length=1)
 
 
+METRIC_KINDS = ("mean", "proportion", "ratio")
+
+
+class AnalysisMetricSpec(_Strict):
+    """How one feedback metric is analysed over units (issue 13). `kind`: `mean` (the unit's
+    sum, e.g. revenue per user), `proportion` (the share of units with any value 1) or `ratio`
+    (sum of the metric over sum of `denominator` across units: `exposures` or another
+    metric). Unset: `mean` with a covariate, else `proportion` when every value seen is 0 or
+    1, else `mean`. `covariate`: a metric posted per unit before exposure, for CUPED."""
+
+    kind: Literal["mean", "proportion", "ratio"] | None = None
+    denominator: Annotated[str, Field(pattern=_METRIC_NAME)] | None = None
+    covariate: Annotated[str, Field(pattern=_METRIC_NAME)] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AnalysisMetricSpec:
+        if self.kind == "ratio" and self.denominator is None:
+            raise ValueError("a ratio needs a denominator (`exposures` or another metric)")
+        if self.kind != "ratio" and self.denominator is not None:
+            raise ValueError("denominator is for kind ratio only")
+        if self.covariate is not None and self.kind in ("ratio", "proportion"):
+            raise ValueError(
+                f"a covariate (CUPED) adjusts a mean: not available for kind {self.kind}"
+            )
+        return self
+
+
 class AnalysisSpec(_Strict):
     """How `GET /experiments/{name}` and `modelgate analyze` judge the experiment: the test
-    level, the power wanted, and per metric the minimum detectable effect (an absolute
-    difference of means, or of rates for 0/1 metrics) to size the experiment for."""
+    level, the power wanted, per metric the minimum detectable effect (an absolute
+    difference of means, or of rates for 0/1 metrics) to size the experiment for, each
+    metric's kind, and fixed-horizon or always-valid (sequential) intervals."""
 
     alpha: float = Field(0.05, gt=0, lt=1)
     power: float = Field(0.8, gt=0, lt=1)
@@ -406,6 +437,13 @@ class AnalysisSpec(_Strict):
         Annotated[str, Field(pattern=_METRIC_NAME)],
         Annotated[float, Field(gt=0, allow_inf_nan=False)],
     ] = Field(default_factory=dict)
+    metrics: dict[Annotated[str, Field(pattern=_METRIC_NAME)], AnalysisMetricSpec] = Field(
+        default_factory=dict
+    )
+    # Confidence sequences (valid at every look) instead of t intervals read once.
+    sequential: bool = False
+    # The number of units (both arms) where the confidence sequence is tightest (gbstats').
+    sequential_tuning: float = Field(5000.0, gt=0, allow_inf_nan=False)
 
 
 class ExperimentSpec(_Strict):
@@ -1018,21 +1056,48 @@ def _metric_reference_errors(
     """With metrics declared, canary checks and analysis settings must name declared ones:
     feedback with any other name is refused, so such a check could never pass."""
     declared = config.feedback.metrics
+    errors = _analysis_metric_errors(experiment, set(declared), where)
     if not declared:
-        return []
+        return errors
     names = ", ".join(sorted(declared))
-    named = [(f"{where}.analysis.mde.{m}", m) for m in experiment.analysis.mde]
+    analysis = experiment.analysis
+    named = [(f"{where}.analysis.mde.{m}", m) for m in analysis.mde]
+    named += [(f"{where}.analysis.metrics.{m}", m) for m in analysis.metrics]
     if experiment.canary is not None:
         named += [
             (f"{where}.canary.checks[{i}].metric", check.metric)
             for i, check in enumerate(experiment.canary.checks or ())
             if not check.is_system
         ]
-    return [
+    return errors + [
         f"{key}: unknown feedback metric {metric!r} (feedback.metrics declares {names})"
         for key, metric in named
         if metric not in declared
     ]
+
+
+def _analysis_metric_errors(
+    experiment: ExperimentSpec, declared: set[str], where: str
+) -> list[str]:
+    """A denominator or covariate must be a metric declared in analysis.metrics or
+    feedback.metrics (a typo would otherwise read as a metric nobody posts, all zeros)."""
+    known = declared | set(experiment.analysis.metrics)
+    errors: list[str] = []
+    for name, spec in experiment.analysis.metrics.items():
+        key = f"{where}.analysis.metrics.{name}"
+        for field, other in (("denominator", spec.denominator), ("covariate", spec.covariate)):
+            if other is None or (field == "denominator" and other == "exposures"):
+                continue
+            if other == name:
+                errors.append(f"{key}.{field}: {name!r} cannot be its own {field}")
+            elif other not in known:
+                hint = "`exposures` or " if field == "denominator" else ""
+                listed = ", ".join(sorted(known)) or "none"
+                errors.append(
+                    f"{key}.{field}: {other!r} is not a declared metric (give {hint}a metric "
+                    f"of analysis.metrics or feedback.metrics: {listed})"
+                )
+    return errors
 
 
 def _layer_errors(config: GatewayConfig) -> list[str]:

@@ -18,7 +18,7 @@ from modelgate.stats import (
     welch_test,
 )
 
-__all__ = ["BINARY_TOLERANCE", "experiment_results", "is_binary"]
+__all__ = ["BINARY_TOLERANCE", "experiment_results", "is_binary", "with_still_needed"]
 
 # A metric is binary when its moments are exactly those of 0/1 values (see is_binary).
 BINARY_TOLERANCE = 1e-9
@@ -125,6 +125,13 @@ def _sample_size(
     except ValueError as exc:
         out["error"] = str(exc)
         return out
+    return with_still_needed(out, n, arms)
+
+
+def with_still_needed(
+    out: dict[str, Any], n: float, arms: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """`out` with the sample size per arm and what each arm (its `count`) still lacks."""
     needed = math.ceil(n)
     out["n_per_arm"] = needed
     out["still_needed"] = {name: max(0, needed - arm["count"]) for name, arm in arms.items()}
