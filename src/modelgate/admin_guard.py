@@ -63,12 +63,23 @@ def known_hosts(bound: tuple[str, int], configured: str, extra: Iterable[str]) -
         names.add(entry)
         if not _HAS_PORT.fullmatch(entry):
             names.add(f"{entry}:{port}")
+    if port == 80:
+        # Clients leave the default port out of Host (RFC 9110 §7.2): `localhost`, not `:80`.
+        names.update(name.removesuffix(":80") for name in list(names) if name.endswith(":80"))
     return frozenset(n.lower() for n in names)
 
 
+def _escaped(text: str) -> str:
+    """One printable line: control characters and non-ASCII as Python escapes."""
+    return text.encode("unicode_escape").decode("ascii")
+
+
 def _is_ip_with_port(host: str, port: int) -> bool:
-    """`192.0.2.7:8081` or `[2001:db8::7]:8081`: an address, which rebinding cannot bring."""
+    """`192.0.2.7:8081` or `[2001:db8::7]:8081`: an address, which rebinding cannot bring.
+    On port 80 the port may be left out (`192.0.2.7`, `[2001:db8::7]`)."""
     address, _, given = host.rpartition(":")
+    if port == 80 and (host.endswith("]") or ":" not in host):
+        address, given = host, "80"
     if given != str(port):
         return False
     try:
@@ -94,8 +105,14 @@ class AdminGuard:
         """Counts and logs a refusal (the token check's too): never silent."""
         self.refused[code] += 1
         peer = request.remote or "?"
+        # The path and the detail (which may quote a Host or Origin) come from the client:
+        # escaped, so that a %0a in a URL cannot write a forged line into the gateway's log.
         log.warning(
-            "admin API refused %s %s from %s: %s", request.method, request.path, peer, detail
+            "admin API refused %s %s from %s: %s",
+            request.method,
+            _escaped(request.raw_path),
+            peer,
+            _escaped(detail),
         )
 
     def _refuse(
