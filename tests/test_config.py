@@ -67,6 +67,14 @@ def test_every_error_is_reported_at_once() -> None:
             ],
             "routes[0].experiment.variants: weights are all zero",
         ),
+        (
+            # Each weight is finite, their sum is not: the Plan's boundaries would divide by inf
+            # (`check` once said ok and `serve` then died compiling it).
+            lambda c: [
+                v.__setitem__("weight", 1e308) for v in c["routes"][0]["experiment"]["variants"]
+            ],
+            "routes[0].experiment.variants: weights sum to more than a double holds",
+        ),
         (lambda c: c["routes"][1].pop("upstream"), "routes[1]: needs an upstream or an experiment"),
         (lambda c: c.__setitem__("listen", "nowhere"), "listen: expected HOST:PORT"),
         (

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -1002,8 +1002,10 @@ def _experiment_errors(
             errors.append(
                 f"{where}.variants[{v_index}].upstream: unknown upstream {variant.upstream!r}"
             )
-    if experiment.variants and sum(v.weight for v in experiment.variants) <= 0:
-        errors.append(f"{where}.variants: weights are all zero; at least one must be > 0")
+    if experiment.variants:
+        errors.extend(
+            _weight_sum_errors(f"{where}.variants", [v.weight for v in experiment.variants])
+        )
     if experiment.default is not None and experiment.default not in seen:
         errors.append(f"{where}.default: unknown variant {experiment.default!r}")
     for unit, variant_name in experiment.overrides.items():
@@ -1020,8 +1022,9 @@ def _experiment_errors(
                     f"{where}.segments[{g_index}].weights.{variant_name}: must be a finite "
                     f"number >= 0, got {weight}"
                 )
-        if sum(segment.weights.values()) <= 0:
-            errors.append(f"{where}.segments[{g_index}].weights: all zero")
+        errors.extend(
+            _weight_sum_errors(f"{where}.segments[{g_index}].weights", segment.weights.values())
+        )
     if (experiment.layer is None) != (experiment.layer_share is None):
         errors.append(f"{where}: layer and layer_share go together")
     errors.extend(_metric_reference_errors(config, experiment, where))
@@ -1048,6 +1051,19 @@ def _experiment_errors(
                 f"(variants: {names})"
             )
     return errors
+
+
+def _weight_sum_errors(where: str, weights: Iterable[float]) -> list[str]:
+    """The bucket boundaries divide by the sum of the weights, summed left to right in double
+    precision (DESIGN.md): it must be finite and positive, or the Plan cannot be compiled."""
+    total = 0.0
+    for weight in weights:
+        total += weight
+    if math.isnan(total) or total <= 0:
+        return [f"{where}: weights are all zero; at least one must be > 0"]
+    if math.isinf(total):
+        return [f"{where}: weights sum to more than a double holds; scale them down"]
+    return []
 
 
 def _metric_reference_errors(
