@@ -139,6 +139,8 @@ class ControlPlane:
         self.last_attempt_ok = True
         self._lock = asyncio.Lock()  # one reload at a time: versions never interleave
         self._background: set[asyncio.Task[None]] = set()
+        # (the file's stat, its digest or None, its errors): file_state's cache.
+        self._file_digest: tuple[tuple[int, ...], str | None, list[str] | None] | None = None
         VersionLogFilter.set_version(plan.version)
 
     @property
@@ -162,7 +164,9 @@ class ControlPlane:
                 ),
             )
         try:
-            config = load_config(self.config_path)
+            # Off the event loop: a large YAML file takes seconds of pure-Python parsing, and
+            # in a single-process gateway this loop also serves the traffic.
+            config = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as exc:
             kind = "unparseable" if exc.errors[0].startswith(("(yaml)", "(file)")) else "invalid"
             raise self._refuse(source, ReloadError(kind, exc.errors)) from exc
@@ -175,7 +179,7 @@ class ControlPlane:
             raw = {**raw, "admin_token": self.config.admin_token}
         raw = _restore_feedback_secrets(raw, self.config)
         try:
-            config = validate_config(raw)
+            config = await asyncio.to_thread(validate_config, raw)
         except ConfigError as exc:
             raise self._refuse(source, ReloadError("invalid", exc.errors)) from exc
         return await self.apply(config, source)
@@ -183,7 +187,7 @@ class ControlPlane:
     async def reload_from_body(self, body: bytes, content_type: str, source: str) -> ReloadResult:
         """POST /reload with a JSON or YAML config in the body."""
         try:
-            raw = parse_document(body, content_type)
+            raw = await asyncio.to_thread(parse_document, body, content_type)
         except ReloadError as exc:
             raise self._refuse(source, exc) from exc
         return await self.reload_from_document(raw, source)
@@ -340,16 +344,28 @@ class ControlPlane:
         return raw
 
     def file_state(self) -> dict[str, Any]:
-        """Whether the config file still says what is running (PUT weights makes it differ)."""
+        """Whether the config file still says what is running (PUT weights makes it differ).
+        The file is parsed again only when its stat changed: /status may be polled often."""
         if self.config_path is None:
             return {"path": None, "differs_from_running": None, "error": None}
         try:
-            digest = config_digest(load_config(self.config_path))
-        except ConfigError as exc:
+            st = os.stat(self.config_path)
+            key: tuple[int, ...] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            key = ()
+        cached = self._file_digest
+        if cached is None or cached[0] != key or not key:
+            try:
+                cached = (key, config_digest(load_config(self.config_path)), None)
+            except ConfigError as exc:
+                cached = (key, None, exc.errors)
+            self._file_digest = cached
+        _, digest, errors = cached
+        if digest is None:
             return {
                 "path": str(self.config_path),
                 "differs_from_running": None,
-                "error": exc.errors,
+                "error": errors,
             }
         return {
             "path": str(self.config_path),
@@ -380,7 +396,7 @@ class ControlPlane:
             "uptime_s": round(time.time() - self.started_at, 3),
             "ready": self.ready(),
             "draining": self.draining,
-            "config_file": self.file_state(),
+            "config_file": await asyncio.to_thread(self.file_state),
             "routes": _route_summary(plan, counts),
             "workers": workers,
             "workers_current": all(w["current"] for w in workers if w.get("alive", True)),
