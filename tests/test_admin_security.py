@@ -19,8 +19,10 @@ from multidict import CIMultiDict
 
 from modelgate.admin import resolve_admin_token
 from modelgate.admin_guard import AdminGuard, known_hosts
+from modelgate.admin_token import TokenFileError, load_or_create_token, read_token_file
 from modelgate.config import ConfigError, validate_config
 from modelgate.mock import MockSettings
+from modelgate.server import StartupError
 
 from .support import AdminStack, ab_config, admin_stack, async_test
 
@@ -287,6 +289,39 @@ def test_unusable_token_files_are_named_errors(
     for path, message in cases:
         with pytest.raises(Exception, match=f"admin token file {path}: .*{message}"):
             resolve_admin_token(validate_config(ab_config(admin_token_file=str(path))))
+
+
+def test_a_planted_token_file_cannot_choose_the_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 4: a local user who can put a symlink (to a 0600 file of their own) or
+    a file of their own at the token file's path must not pick the admin token."""
+    monkeypatch.delenv("MODELGATE_ADMIN_TOKEN", raising=False)
+    planted = tmp_path / "planted"
+    planted.write_text("attacker-known-token-123456\n")
+    planted.chmod(0o600)
+    link = tmp_path / "link"
+    link.symlink_to(planted)
+    config = validate_config(ab_config(admin_token_file=str(link)))
+    with pytest.raises(StartupError, match=f"admin token file {link}: is a symbolic link"):
+        resolve_admin_token(config)  # the start stops; the planted token is never used
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")  # O_EXCL will not create through it either
+    with pytest.raises(TokenFileError, match="is a symbolic link"):
+        load_or_create_token(dangling)
+    assert not (tmp_path / "nowhere").exists()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)  # refused, not waited on
+    with pytest.raises(TokenFileError, match=f"admin token file {fifo}: not a regular file"):
+        load_or_create_token(fifo)
+    assert read_token_file(link, private=False) == "attacker-known-token-123456"  # a client
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another uid")
+    os.chown(planted, 65534, 65534)  # another user's own 0600 file, at the path itself
+    with pytest.raises(
+        StartupError, match=f"admin token file {planted}: owned by uid 65534, not by"
+    ):
+        resolve_admin_token(validate_config(ab_config(admin_token_file=str(planted))))
 
 
 @async_test
