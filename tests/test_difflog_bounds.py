@@ -180,3 +180,24 @@ def test_a_directory_read_skips_a_file_without_its_sidecar_with_a_warning(
     assert records["request_id"].tolist() == [b"req-5", b"req-6", b"req-7"]
     assert f"{first}: not a modelgate diff log (no sidecar" in caplog.text
     assert f"{second}: ignored a torn last record (9 bytes" in caplog.text
+
+
+def test_retention_leaves_another_diff_writers_open_files(tmp_path: Path) -> None:
+    """Review finding 3: the files a diff-log writer has open (records and payloads) are
+    locked, so a retention pass of another writer in this process, whose pid is the same,
+    or of another host, leaves them; once closed they are deleted like any other."""
+    from modelgate.logretention import Retention, enforce_retention
+
+    writer = DiffLogWriter(tmp_path, flush_interval_s=0.01)
+    writer.start()
+    for i in range(5):
+        assert writer.submit(job(i, differs=True))
+    wait_for(lambda: writer.stats()["payloads_written"] == 5, "payloads written")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [n.rsplit(".", 1)[-1] for n in names] == ["bin", "json", "jsonl"]
+    assert enforce_retention(tmp_path, "difflog", Retention(max_bytes=1)) == (0, 0)
+    assert writer.close(timeout=30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    assert len(read_difflog(tmp_path)[0]) == 5
+    assert enforce_retention(tmp_path, "difflog", Retention(max_bytes=1))[0] == 1
+    assert not list(tmp_path.iterdir())

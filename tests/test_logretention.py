@@ -3,9 +3,13 @@ deleting the oldest closed files, never an open one or a live writer's; throttle
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +19,7 @@ from modelgate.exposure import ExposureLog, read_exposures
 from modelgate.logfiles import ThrottledLog, open_append, write_atomic
 from modelgate.logretention import Retention, enforce_retention
 
-from .test_recordlog import add, wait_for, written
+from .test_recordlog import add, settled, wait_for, written
 
 
 def test_record_files_and_sidecars_are_owner_only(tmp_path: Path) -> None:
@@ -62,6 +66,86 @@ def test_retention_deletes_the_oldest_closed_files_never_the_open_or_a_live_writ
         f"{b.name}{s}" for b in (live, mine) for s in (".bin", ".json")
     )
     assert enforce_retention(tmp_path, "exposure", Retention(max_bytes=1), [keep]) == (0, 0)
+
+
+HOLD = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as our writers do
+os.write(fd, b"\\0" * 4000)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_retention_never_deletes_a_file_another_writer_holds_open(tmp_path: Path) -> None:
+    """Review finding 3: log_dir shared with another host or container, whose pids mean
+    nothing here, and two writers in one process: a pid in a name never makes an open file
+    deletable; the writer's lock keeps it. Closed files still go."""
+    foreign = tmp_path / f"exposure-r0-p{2**22 + 7}-0001"  # no process here has this pid
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, f"{foreign}.bin"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        Path(f"{foreign}.json").write_text("{}")
+        closed = [
+            group(tmp_path, f"exposure-r{i}-p{pid}-0001", 100, 3600)
+            for i, pid in ((1, os.getpid()), (2, 2**22 + 8))
+        ]
+        before = set(tmp_path.glob("*.bin"))
+        first = ExposureLog(tmp_path, flush_interval_s=0.01)  # our pid, another instance
+        first.start()
+        add(first, 0, 10)
+        wait_for(settled(first, 10), "the first writer's records")
+        (open_file,) = set(tmp_path.glob("*.bin")) - before
+        assert enforce_retention(tmp_path, "exposure", Retention(max_bytes=1)) == (2, 200 + 20)
+        # A second writer in this process, opening its file, applies retention too.
+        second = ExposureLog(tmp_path, flush_interval_s=0.01, retention=Retention(max_bytes=1))
+        second.start()
+        add(second, 10, 20)
+        second.close()
+        assert Path(f"{foreign}.bin").stat().st_size == 4000 and open_file.exists()
+        assert not any(Path(f"{base}.bin").exists() for base in closed)
+        add(first, 20, 30)
+        first.close()  # its records went into a file that still has a name, all of them
+        ids = {row["request_id"] for row in read_exposures(tmp_path)[1]}
+        assert {f"req-{i}" for i in range(30)} <= ids
+    finally:
+        holder.communicate(timeout=10)  # closes its stdin: it exits and its lock goes
+    # Now closed: the foreign file goes like any other.
+    enforce_retention(tmp_path, "exposure", Retention(max_bytes=1))
+    assert not Path(f"{foreign}.bin").exists()
+
+
+@pytest.mark.parametrize("race", ["locked", "deleted"])
+def test_a_new_file_that_a_retention_pass_took_first_is_given_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, race: str
+) -> None:
+    """Between a writer's O_EXCL open and its flock, another process's retention may lock
+    the empty file (and then delete it): the writer must not write into it."""
+    real = fcntl.flock
+    raced: list[str] = []
+
+    def racing(fd: int, operation: int) -> None:
+        if not raced:
+            raced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            if race == "locked":
+                raise BlockingIOError(errno.EWOULDBLOCK, "locked")
+            os.unlink(raced[0])
+        real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", racing)
+    log = ExposureLog(tmp_path, flush_interval_s=0.01)
+    log.start()
+    add(log, 0, 10)
+    log.close()
+    assert log.written == 10 and raced and raced[0].endswith("-0001.bin")
+    (file,) = (p for p in tmp_path.glob("*.bin") if p.stat().st_size)
+    assert file.name.endswith("-0002.bin") and len(read_exposures(tmp_path)[1]) == 10
 
 
 def test_a_writer_applies_retention_when_it_opens_a_file(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ import orjson
 from modelgate.config import CompareSpec
 from modelgate.core import xxh64
 from modelgate.diff import Answer, AnswerLike, Comparison, Verdict, compare
-from modelgate.logfiles import ThrottledLog, make_log_dir, open_append, write_all, write_atomic
+from modelgate.logfiles import ThrottledLog, make_log_dir, open_locked, write_all, write_atomic
 from modelgate.logretention import RETAIN_EVERY_S, Retention, retain
 
 __all__ = [
@@ -555,15 +555,17 @@ class DiffLogWriter:
                 self._seq += 1
                 self._base = str(self.log_dir / f"difflog-{self._run}-{self._seq:06d}")
                 try:
-                    os.close(open_append(self._base + ".json"))
+                    # Locked from its creation on, before any other file of the group exists:
+                    # retention (of any process or host) deletes only groups it can lock.
+                    self._bin_fd = open_locked(self._base + ".bin")
                     break
                 except FileExistsError:
                     continue
             # The sidecar exists before the records: every record's names are readable.
             self._write_sidecar()
-            self._bin_fd = open_append(self._base + ".bin")
         except OSError as exc:
             self._error("open", exc)
+            self._drop_new_file()
             self._retry_at = time.monotonic() + self.retry_interval_s
             return False
         self._bin_size = self._pay_size = 0
@@ -573,6 +575,17 @@ class DiffLogWriter:
     def _retain(self) -> None:
         self._retain_at = time.monotonic() + RETAIN_EVERY_S
         retain(self.log_dir, "difflog", self.retention, self._base)
+
+    def _drop_new_file(self) -> None:
+        """A .bin whose sidecar could not be written: never written to, so removed."""
+        if self._bin_fd is None:
+            return
+        try:
+            os.unlink(self._base + ".bin")
+        except OSError:
+            pass
+        os.close(self._bin_fd)
+        self._bin_fd = None
 
     def _write_sidecar(self) -> None:
         names = self._names
@@ -593,7 +606,7 @@ class DiffLogWriter:
         """Payload lines for a piece of records; a failure costs the payloads, not records."""
         try:
             if self._pay_fd is None:
-                self._pay_fd = open_append(self._base + ".payloads.jsonl")
+                self._pay_fd = open_locked(self._base + ".payloads.jsonl")
                 self._pay_size = os.fstat(self._pay_fd).st_size
             offsets, offset = [], self._pay_size
             for _, line in lines:

@@ -8,6 +8,8 @@ read. Every writer goes through these few functions, so each rule is kept in one
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import threading
@@ -20,6 +22,7 @@ __all__ = [
     "ThrottledLog",
     "make_log_dir",
     "open_append",
+    "open_locked",
     "truncate_or_close",
     "write_all",
     "write_atomic",
@@ -46,6 +49,45 @@ def open_append(path: str) -> int:
     """A new owner-only file opened for appending (O_EXCL: never someone else's file, never
     through a symlink); FileExistsError when the name is taken."""
     return os.open(path, _APPEND | os.O_EXCL, FILE_MODE)
+
+
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # a filesystem without flock
+log = logging.getLogger("modelgate.logfiles")
+
+
+def open_locked(path: str) -> int:
+    """open_append, holding an exclusive flock for as long as the fd is open: retention (ours,
+    another worker's, another host's sharing log_dir) deletes only files it can lock, so
+    never one being written, whatever the pid in its name says. FileExistsError when the
+    name is taken, or when retention got the new file first (the caller tries the next name).
+    """
+    fd = open_append(path)
+    try:
+        _lock_new(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _lock_new(fd: int, path: str) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # a retention pass locked it between our open and our flock
+        raise FileExistsError(errno.EEXIST, "locked by another process", path) from None
+    except OSError as exc:
+        if exc.errno not in _NO_LOCKS:
+            raise
+        # Writing matters more than retention; retention cannot lock it either, so keeps it.
+        _warn.warning("flock", "log file %s: no flock on this filesystem: %s", path, exc)
+    opened = os.fstat(fd)
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        named = None
+    if named is None or (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+        # deleted by a retention pass that locked it before we did
+        raise FileExistsError(errno.EEXIST, "deleted before it was locked", path)
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -108,3 +150,6 @@ class ThrottledLog:
         if held:
             message += f" ({held} more like it in the last {self.interval_s:g} s)"
         self.logger.warning(message, *args)
+
+
+_warn = ThrottledLog(log)

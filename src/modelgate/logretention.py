@@ -5,13 +5,18 @@ bodies) grow until the disk is full and stay forever. A writer enforces it on it
 each time it opens a new file, so the event loop never waits on a directory scan.
 
 A file group is one `<prefix>-<run>-p<pid>-<seq>` with its .bin, .json and .payloads.jsonl.
-Only groups that no running writer holds are deleted: this process's files other than the
-one it writes, and files of processes that are gone. Another live worker's files count
-toward the size but are left to that worker.
+Only groups that no running writer holds are deleted. A writer holds an exclusive flock on
+each file it has open for writing (the .bin from before any other file of the group exists),
+and a group is deleted only while this pass holds those locks itself, taken without waiting:
+a pid says nothing about a writer on another host or in another container sharing log_dir,
+nor about another writer in this process. The pid is only a first filter: the files of
+another live process on this host are left to it (a writer of an older version may not
+lock). All files count toward the size.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -30,6 +35,7 @@ log = logging.getLogger("modelgate.logretention")
 _warn = ThrottledLog(log)
 
 _SUFFIXES = (".payloads.jsonl", ".json.tmp", ".json", ".bin")
+_WRITTEN = (".bin", ".payloads.jsonl")  # the files a writer holds open, and locked
 _PID = re.compile(r"-p(\d+)-\d+$")
 
 
@@ -61,8 +67,7 @@ class _Group:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+    """kill(pid, 0) in our pid namespace: a first filter only (see the module doc)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -86,9 +91,10 @@ def _groups(log_dir: Path, prefix: str, keep: Collection[str]) -> list[_Group]:
         group = found.get(base)
         if group is None:
             match = _PID.search(base)
-            mine = match is not None and int(match.group(1)) == os.getpid()
-            deletable = base not in keep and (
-                mine or (match is not None and not _pid_alive(int(match.group(1))))
+            pid = int(match.group(1)) if match is not None else None
+            # Ours or not running here: the locks decide. A live local other: its own.
+            deletable = (
+                base not in keep and pid is not None and (pid == os.getpid() or not _pid_alive(pid))
             )
             group = found[base] = _Group(base, [], 0, 0.0, deletable)
         group.files.append(path)
@@ -97,13 +103,42 @@ def _groups(log_dir: Path, prefix: str, keep: Collection[str]) -> list[_Group]:
     return sorted(found.values(), key=lambda g: (g.mtime, g.base))
 
 
-def _delete(group: _Group) -> None:
-    # The records first: a .bin is never left without the sidecar that names its ids.
-    for path in sorted(group.files, key=lambda p: not p.name.endswith(".bin")):
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+def _lock(path: Path) -> int | None:
+    """An fd of `path` holding its exclusive flock, taken without waiting; None when a writer
+    holds it (or locks are not supported here: then nothing proves it closed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # gone meanwhile, or a symlink (never a writer's): left alone
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # EWOULDBLOCK: being written; ENOLCK and the like: cannot tell
+        os.close(fd)
+        return None
+    return fd
+
+
+def _delete(group: _Group) -> bool:
+    """Deletes the group if this pass can lock every file a writer would hold open; False
+    (nothing deleted) when one is locked: its writer is alive, wherever it runs."""
+    held: list[int] = []
+    try:
+        for path in group.files:
+            if path.name.endswith(_WRITTEN):
+                fd = _lock(path)
+                if fd is None:
+                    return False
+                held.append(fd)
+        # The records first: a .bin is never left without the sidecar that names its ids.
+        for path in sorted(group.files, key=lambda p: not p.name.endswith(".bin")):
+            try:
+                path.unlink()  # while still locked: no writer can take the file over
+            except FileNotFoundError:
+                pass
+        return True
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def enforce_retention(
@@ -131,9 +166,8 @@ def enforce_retention(
             if retention.max_age_s is None:
                 break
             continue
-        if not group.deletable:
+        if not group.deletable or not _delete(group):
             continue
-        _delete(group)
         deleted += 1
         freed += group.size
         total -= group.size

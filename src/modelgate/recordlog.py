@@ -24,7 +24,7 @@ import numpy as np
 from modelgate.logfiles import (
     ThrottledLog,
     make_log_dir,
-    open_append,
+    open_locked,
     truncate_or_close,
     write_all,
     write_atomic,
@@ -285,7 +285,7 @@ class RecordLog:
             self._seq += 1
             base = str(self.log_dir / f"{self.prefix}-{self._run}-{self._seq:04d}")
             try:
-                self._fd = open_append(base + ".bin")
+                self._fd = open_locked(base + ".bin")  # retention skips it while open
                 break
             except FileExistsError:
                 continue
