@@ -54,9 +54,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         "control": variants["digits=control"],
         "candidate": variants["digits=candidate"],
     }
-    # One outcome per user that was sent, all accepted.
+    # One outcome per request, all accepted; users came back (fewer users than requests).
     feedback = demo.report["feedback"]
-    assert feedback["accepted"] == feedback["posted"] == min(bench["sent"], 719)
+    assert feedback["accepted"] == feedback["posted"] == bench["sent"]
     assert np.all(records["primary_status"] == 200)
     # The A/B result it prints is the gateway's; recomputed from its own files, it is equal.
     status, live = demo.report["experiment"]
@@ -66,8 +66,16 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     (file_cmp,) = [c for c in offline["comparisons"] if c["metric"] == "correct"]
     for key in ("diff", "ci_low", "ci_high", "p_value"):
         assert file_cmp[key] == pytest.approx(live_cmp[key], rel=1e-9), key
-    assert live_cmp["test"] == "proportion"  # correct/incorrect is a binary metric
+    # Accuracy per request over users (delta method); SRM on distinct users.
+    assert live_cmp["method"] == "ratio" and live_cmp["interval"] == "t"
     assert live["unit_of_analysis"] == "unit" and live["source"] == "logs"
+    units = [v["units"] for v in live["variants"]]
+    assert live["srm"]["counts"] == units and live["srm"]["unit"] == "distinct enrolled units"
+    assert sum(units) < bench["sent"] * 0.6
+    assert [v["metrics"]["correct"]["values"] for v in live["variants"]] == [
+        counts["control"],
+        counts["candidate"],
+    ]
     assert Path(demo.report["html"]).exists()
     # The canary on /rollout got its own traffic and a controller that reports on it.
     assert demo.report["rollout"]["responses"] > 0

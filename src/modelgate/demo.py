@@ -3,8 +3,9 @@
 Trains three digit classifiers (scikit-learn's bundled data, no download), serves each with
 `modelgate mock-model --model`, starts `modelgate serve` with an A/B experiment, a shadow
 with a compare block, a chaos rule on the candidate arm, and a canary on a second route;
-drives traffic with the bench driver, posts each unit's outcome (was its prediction right?)
-as feedback, then prints what a person wants to read and stops everything, also on Ctrl-C.
+drives traffic with the bench driver from users who come back, posts each request's outcome
+(was its prediction right?) as feedback, then prints what a person wants to read and stops
+everything, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -137,6 +138,10 @@ def gateway_config(run: DemoRun, gateway_port: int, admin_port: int) -> dict[str
                         {"name": "control", "upstream": "model-v1", "weight": AB_WEIGHTS[0]},
                         {"name": "candidate", "upstream": "model-v2", "weight": AB_WEIGHTS[1]},
                     ],
+                    # Users come back: accuracy is a share of each user's requests.
+                    "analysis": {
+                        "metrics": {"correct": {"kind": "ratio", "denominator": "exposures"}}
+                    },
                 },
                 "shadows": [
                     {
@@ -185,22 +190,25 @@ def gateway_config(run: DemoRun, gateway_port: int, admin_port: int) -> dict[str
     }
 
 
-async def post_outcomes(run: DemoRun, models: DemoModels, rows_sent: int) -> dict[str, Any]:
-    """Feedback from the true labels: for each row (unit) that was sent, 1 if the model of
-    its variant got it right. Posted by (experiment, unit): the gateway recomputes the
-    variant from the unit, so nothing is stored per request."""
+async def post_outcomes(
+    run: DemoRun, models: DemoModels, lines: list[tuple[str, int]], sent: int
+) -> dict[str, Any]:
+    """Feedback from the true labels: for each request sent (the bench sends line `seq %
+    len(lines)` as request `seq`), 1 if the model of its user's variant got that row right.
+    Posted by (experiment, unit): the gateway recomputes the variant from the unit, so
+    nothing is stored per request; a user's values add up, and `correct` is declared a
+    ratio over exposures (the share of a user's requests answered right)."""
     table = VariantTable(list(AB_WEIGHTS))
     by_variant = {0: "model-v1", 1: "model-v2"}
     predictions = {
         name: models.estimators[name].predict(models.features) for name in by_variant.values()
     }
     items = []
-    for row in range(min(rows_sent, len(models.features))):
-        variant = table.assign("digits", f"row-{row}")
+    for seq in range(sent):
+        user, row = lines[seq % len(lines)]
+        variant = table.assign("digits", user)
         correct = int(predictions[by_variant[variant]][row] == models.labels[row])
-        items.append(
-            {"experiment": "digits", "unit": f"row-{row}", "metric": "correct", "value": correct}
-        )
+        items.append({"experiment": "digits", "unit": user, "metric": "correct", "value": correct})
     accepted = 0
     async with aiohttp.ClientSession() as session:
         for start in range(0, len(items), 500):
@@ -269,10 +277,12 @@ async def run_demo_async(
         await run.start_gateway(gateway_config(run, gateway_port, admin_port))
         say(f"gateway {run.gateway_url}  admin {run.admin_url}  logs {run.log_dir}")
         traffic = workdir / "traffic.jsonl"
-        rows = models.write_traffic(traffic)
+        lines = models.write_traffic(traffic)
+        users = len({user for user, _ in lines})
         say(
-            f"driving {rate:g} req/s for {duration_s:g} s of held-out rows "
-            f"({rows} users) through the bench driver ..."
+            f"driving {rate:g} req/s for {duration_s:g} s of held-out rows from {users} "
+            "users, who come back (most send 1-3 requests, a few dozens), through the bench "
+            "driver ..."
         )
         ab_traffic = run_bench(
             BenchConfig(
@@ -298,7 +308,7 @@ async def run_demo_async(
         report, rollout = await asyncio.gather(ab_traffic, canary_traffic)
         run.report["bench"] = report.as_dict()
         run.report["rollout"] = rollout.as_dict()
-        run.report["feedback"] = await post_outcomes(run, models, report.sent)
+        run.report["feedback"] = await post_outcomes(run, models, lines, report.sent)
         await asyncio.sleep(1.2)  # the diff log and exposure writers flush every second
         run.report["experiment"] = await _admin_json(run, "/experiments/digits")
         run.report["canaries"] = await _admin_json(run, "/canaries")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,16 +34,35 @@ class DemoModels:
             paths[name] = path
         return paths
 
-    def write_traffic(self, path: Path) -> int:
-        """One JSON line per held-out row; `user` is the unit id, so a row always lands on
-        the same variant and its outcome can be judged from its true label."""
+    def write_traffic(self, path: Path, seed: int = 13) -> list[tuple[str, int]]:
+        """One JSON line per request: a held-out row and the user sending it. Users come back
+        as on a real site (most send 1-3 requests, a few dozens; the visits interleave), so
+        the A/B result must be computed over users. Returns each line's (user, row); the
+        bench sends line `seq % len(lines)` as request `seq`."""
+        rng = np.random.default_rng(seed)
+        users: list[str] = []
+        for number in itertools.count():
+            if len(users) >= len(self.features):
+                break
+            users += [f"user-{number}"] * _visits(rng)
+        users = users[: len(self.features)]
+        rng.shuffle(users)
+        lines = [(user, row) for row, user in enumerate(users)]
         with open(path, "wb") as out:
-            for index, row in enumerate(self.features):
+            for user, row in lines:
                 out.write(
-                    b'{"user":"row-%d","features":[%s]}\n'
-                    % (index, b",".join(b"%g" % v for v in row))
+                    b'{"user":"%s","features":[%s]}\n'
+                    % (user.encode(), b",".join(b"%g" % v for v in self.features[row]))
                 )
-        return len(self.features)
+        return lines
+
+
+def _visits(rng: np.random.Generator, cap: int = 40) -> int:
+    """Requests of one user, heavy-tailed: P(1) = 0.45, then ever rarer, up to `cap`."""
+    n = 1
+    while rng.random() < 0.55 and n < cap:
+        n = n * 2 if rng.random() < 0.3 else n + 1
+    return n
 
 
 def train_models(seed: int = 0) -> DemoModels:

@@ -1,5 +1,6 @@
-"""What `modelgate demo` prints: the split and SRM check, per-arm latency, the chaos rule's
-effect, shadow agreement from the diff log, the canary's transitions, and the A/B result."""
+"""What `modelgate demo` prints: the split and the SRM check on users, per-arm latency, the
+chaos rule's effect, shadow agreement from the diff log, the canary's transitions, and the
+A/B result over users."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from modelgate.difflog import DiffLogError, read_difflog
-from modelgate.stats import srm_test
 
 if TYPE_CHECKING:
     from modelgate.demo import DemoRun
@@ -50,14 +50,21 @@ def print_report(run: DemoRun) -> None:
         f"{bench['error_count']} connection errors"
     )
 
-    _section("split (sticky by user) and sample-ratio check")
+    _section("split (sticky by user) and sample-ratio check on users")
     counts = [variants.get(f"digits={n}", {}).get("responses", 0) for n in ("control", "candidate")]
-    srm = srm_test(counts, [50, 50])
     for name, count in zip(("control", "candidate"), counts, strict=True):
         share = count / total if total else 0.0
         print(f"  digits={name:<10} {count:>6} responses  {share:6.1%}  (configured 50.0%)")
-    flag = "MISMATCH" if srm.mismatch else "ok"
-    print(f"  SRM chi-square p = {srm.p_value:.3g}: {flag}")
+    result = ab_summary(run)
+    srm = (result or {}).get("srm") or {}
+    if srm:
+        # Users, not requests: the split of requests also depends on how often the users
+        # of each arm happened to come back, which is not binomial.
+        flag = "MISMATCH" if srm.get("mismatch") else "ok"
+        print(
+            f"  SRM on distinct users {srm.get('counts')} vs weights {srm.get('weights')}: "
+            f"p = {srm.get('p_value', math.nan):.3g}: {flag}"
+        )
 
     _section("latency per arm, from the scheduled send (ms), and the chaos rule")
     print(f"  {'variant':<22}{'p50':>8}{'p90':>8}{'p99':>8}   faulted by chaos")
@@ -104,21 +111,20 @@ def print_report(run: DemoRun) -> None:
         split = ", ".join(f"{k} {v['responses']}" for k, v in sorted(rollout.items()))
         print(f"  /rollout responses over the whole run: {split}")
 
-    _section("A/B result: was the prediction right? (feedback from the true labels)")
+    _section("A/B result over users: was the prediction right? (from the true labels)")
     feedback = run.report["feedback"]
-    print(f"  {feedback['accepted']} outcomes posted, one per user")
+    print(f"  {feedback['accepted']} outcomes posted, one per request")
     for name, acc in run.report["accuracy"].items():
         print(f"  offline held-out accuracy {name}: {acc:.1%}")
-    result = ab_summary(run)
     if result is None:
         print(f"  the gateway did not answer GET /experiments/digits: {run.report['experiment']}")
         return
     for variant in result["variants"]:
         correct = variant["metrics"].get("correct", {})
-        if correct.get("count"):
+        if correct.get("units"):
             print(
-                f"  {variant['name']:<10} users {correct['count']:>4}  "
-                f"accuracy {correct['mean']:.1%}"
+                f"  {variant['name']:<10} users {variant['units']:>4}  requests "
+                f"{variant['exposures']:>5}  accuracy per request {correct['mean']:.1%}"
             )
     for comparison in result.get("comparisons", []):
         if comparison.get("metric") != "correct" or comparison.get("p_value") is None:
@@ -126,15 +132,9 @@ def print_report(run: DemoRun) -> None:
         print(
             f"  {comparison['variant']} - {comparison['control']}: "
             f"{comparison['diff']:+.1%} (95% CI {comparison['ci_low']:+.1%} .. "
-            f"{comparison['ci_high']:+.1%}), {comparison['test']} test p = "
-            f"{comparison['p_value']:.3g}"
+            f"{comparison['ci_high']:+.1%}), {comparison['method']} test over users, "
+            f"p = {comparison['p_value']:.3g}"
             + (" -> significant" if comparison.get("significant") else " -> not significant")
-        )
-    srm = result.get("srm", {})
-    if srm:
-        print(
-            f"  enrolled requests {srm.get('counts')} vs weights {srm.get('weights')}: "
-            f"SRM p = {srm.get('p_value', math.nan):.3g}"
         )
     html = run.report.get("html")
     if html:
