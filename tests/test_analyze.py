@@ -4,6 +4,8 @@ table from a live admin URL; --html writes a report with the plots, or names the
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -167,3 +169,23 @@ def test_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
     unknown()
     assert "404 no experiment named 'nope'" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback() -> None:
+    """`modelgate analyze --sql ... | head`: the reader is gone before the query is written (a
+    pipe whose read end is closed makes every write fail, as a finished `head` does)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "modelgate", "analyze", "--sql", "bigquery"]
+            + ["--experiment", "ranker"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141

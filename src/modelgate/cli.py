@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -185,7 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(VersionLogFilter())
-    code: int = ns.func(ns)
+    try:
+        code: int = ns.func(ns)
+    except BrokenPipeError:
+        # `modelgate analyze --sql ... | head`: the reader left; no traceback for that. Point
+        # stdout at /dev/null so the interpreter's own flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
     return code
 
 
