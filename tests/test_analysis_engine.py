@@ -49,7 +49,12 @@ def _frame(path: Path, prefix: str, dtype: Any, tables: dict[str, str]) -> pd.Da
 def _reference(path: Path, experiment: str) -> dict[str, Any]:
     """Per unit first, then per variant over units, in plain pandas."""
     ex = _frame(path, "exposure", EXPOSURE_DTYPE, EXPOSURE_NAMES)
-    ex = ex[(ex.experiment == experiment) & ((ex["flags"] & FLAG_ENROLLED) != 0)]
+    ex = ex[ex.experiment == experiment]
+    # An id tail exposed (enrolled or not) with more than one (unit, variant) is ambiguous:
+    # its feedback by request id is dropped and counted, never attributed (issue 12 review).
+    claims = ex.groupby("request_id")[["unit_hash", "variant"]].nunique()
+    ambiguous = set(claims[(claims.unit_hash > 1) | (claims.variant > 1)].index)
+    ex = ex[(ex["flags"] & FLAG_ENROLLED) != 0]
     ex = ex.sort_values("ts_ns", kind="stable")
     units = ex.groupby("unit_hash").agg(
         variant=("variant", "first"), exposures=("ts_ns", "size"), kinds=("variant", "nunique")
@@ -57,6 +62,9 @@ def _reference(path: Path, experiment: str) -> dict[str, Any]:
     fb = _frame(path, "feedback", FEEDBACK_DTYPE, FEEDBACK_NAMES)
     fb = fb[fb.experiment == experiment].copy()
     by_request = (fb["flags"] & FLAG_BY_REQUEST_ID) != 0
+    dropped = by_request & fb.request_id.isin(ambiguous)
+    ambiguous_values = fb[dropped].groupby("metric").size()
+    fb, by_request = fb[~dropped], by_request[~dropped]
     first = dict(zip(ex.request_id, ex.unit_hash.tolist(), strict=True))
     for request_id, unit in zip(ex.request_id[::-1], ex.unit_hash[::-1].tolist(), strict=True):
         first[request_id] = unit  # an id seen twice: its first exposure's unit
@@ -77,6 +85,7 @@ def _reference(path: Path, experiment: str) -> dict[str, Any]:
         "units": units.groupby("variant").size().to_dict(),
         "switched": units[units.kinds > 1].groupby("variant").size().to_dict(),
         "excluded": {m: (int(r.units), int(r["values"])) for m, r in excluded.iterrows()},
+        "ambiguous": {m: int(n) for m, n in ambiguous_values.items()},
         "metrics": {},
     }
     metrics = sorted(fb.metric.unique())
@@ -105,6 +114,7 @@ def _assert_equal(result: ExperimentUnits, reference: dict[str, Any]) -> None:
     assert result.units == reference["units"]
     assert {v: n for v, n in result.switched.items() if n} == reference["switched"]
     assert result.excluded == reference["excluded"]
+    assert result.ambiguous == reference["ambiguous"]
     seen = {(m, d, v): s for (m, d), by in result.metrics.items() for v, s in by.items()}
     assert seen.keys() == reference["metrics"].keys()
     for key, expected in reference["metrics"].items():
@@ -131,6 +141,7 @@ def test_engine_equals_a_pandas_groupby_per_unit_then_per_variant(logs: Path) ->
     per_unit = result.exposures["control"]
     assert per_unit.mean_x > 2 and per_unit.m2_x / per_unit.count > 10
     assert result.excluded["revenue"][0] > 0  # feedback of units never exposed, counted
+    assert sum(result.ambiguous.values()) > 0  # reused ids: their feedback dropped, counted
     assert sum(reference["switched"].values()) > 0
     assert result.variants == ["control", "candidate"]  # the design's order
 

@@ -91,7 +91,7 @@ def test_files_give_the_live_results(tmp_path: Path, capsys: pytest.CaptureFixtu
     # variances and Welch test; the proportion's difference is the same, its interval
     # gbstats' (t at the Welch df) instead of the normal one, so equal to about 1%.
     (units,), _, excluded = results_from_logs(str(tmp_path), "ranker", None)
-    assert units["unit_of_analysis"] == "unit" and excluded == {"excluded": 0}
+    assert units["unit_of_analysis"] == "unit" and excluded == {"excluded": 0, "ambiguous": 0}
     # The admin API reads the same engine (with one DuckDB thread: sums in another order).
     for mine, theirs in zip(units["comparisons"], body["comparisons"], strict=True):
         assert mine.keys() == theirs.keys()

@@ -466,3 +466,36 @@ async def test_a_reused_request_id_cannot_take_over_the_earlier_requests_join() 
         status, body = await post(session, stack, {"request_id": rid_b, "metric": "m", "value": 1})
         assert status == 202, body
         assert {v for _, v, _ in stack.gateway.outcomes.outcomes} == {variant_of(alice)}
+
+
+@async_test
+async def test_a_token_counts_once_per_metric_however_often_it_is_posted() -> None:
+    """The review's repro (issue 12, finding 1): one response's request id and token posted
+    3 x 1000 times used to count 3000 clicks for one request, so one client decided a canary
+    check. Now one value per (request id, metric): a repeat in the batch or a later post is
+    409 `duplicate_feedback`, the batch recorded whole or not at all, and counted."""
+    config = ab_config(feedback={"require_token": True})
+    async with gateway_stack(config, MOCKS) as stack, aiohttp.ClientSession() as session:
+        outcomes = stack.gateway.outcomes
+        rid, token = await predict(session, stack, "alice")
+        item = {"request_id": rid, "token": token, "metric": "clicked", "value": 1}
+        for _ in range(3):
+            status, body = await post(session, stack, [item] * 1000)
+            assert (status, body["error"]) == (409, "duplicate_feedback"), body
+            assert "'clicked'" in body["detail"] and body["detail"].startswith("[1]")
+        assert outcomes.outcomes == {}  # a refused batch records nothing
+        status, body = await post(session, stack, item)
+        assert (status, body["counted"]) == (202, 1), body
+        for document in (item, [{**item, "metric": "rated", "value": 4}, item]):
+            status, body = await post(session, stack, document)
+            assert (status, body["error"]) == (409, "duplicate_feedback"), body
+        # Another metric of the same request is its own value, once.
+        status, body = await post(session, stack, {**item, "metric": "rated", "value": 4})
+        assert (status, body["counted"]) == (202, 1), body
+        counts = {m: moments.count for (_, _, m), moments in outcomes.outcomes.items()}
+        assert counts == {"clicked": 1, "rated": 1}
+        assert outcomes.counts["duplicate"] == 5
+        assert outcomes.counts["ambiguous_request_id"] == 0
+        # A request nobody posted for holds no set of credited metrics.
+        other, _ = await predict(session, stack, "bob")
+        assert outcomes.recent[other.encode()][3] is None

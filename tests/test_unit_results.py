@@ -135,7 +135,7 @@ def test_analyze_logs_equals_a_pandas_reference_per_unit(
     assert "unit of analysis: the unit" in printed and "fixed-horizon t intervals" in printed
     assert "SRM over units: chi2" in printed
     (result,), _, excluded = results_from_logs(str(logs), "ranker", None, timelines=False)
-    assert result["unit_of_analysis"] == "unit" and excluded == {"excluded": 0}
+    assert result["unit_of_analysis"] == "unit" and excluded == {"excluded": 0, "ambiguous": 0}
     json.dumps(result, allow_nan=False)  # plain JSON: no NaN
     a = units[units["variant"] == "control"]
     b = units[units["variant"] == "candidate"]

@@ -52,8 +52,9 @@ class ExperimentUnits:
     `.count` is the SRM input; `metrics[(metric, denominator)][v]`: x = the unit's sum of the
     metric, y = its exposures (`"exposures"`), its number of values (`"values"`) or another
     metric's sum (that metric's name); `values[metric][v]`: values counted; `excluded[metric]`:
-    (units, values) that no enrolled exposure claims; `switched[v]`: units exposed to
-    several variants (they count in their first)."""
+    (units, values) that no enrolled exposure claims; `ambiguous[metric]`: values by request
+    id dropped because their id tail was exposed to several units or variants;
+    `switched[v]`: units exposed to several variants (they count in their first)."""
 
     experiment: str
     variants: list[str]
@@ -61,6 +62,7 @@ class ExperimentUnits:
     metrics: dict[tuple[str, str], dict[str, UnitStats]] = field(default_factory=dict)
     values: dict[str, dict[str, int]] = field(default_factory=dict)
     excluded: dict[str, tuple[int, int]] = field(default_factory=dict)
+    ambiguous: dict[str, int] = field(default_factory=dict)
     switched: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -211,6 +213,8 @@ class AnalysisEngine:
                 result.switched[variant] = int(row["nonzero_x"])
             elif kind == "excluded":
                 result.excluded[metric] = (int(row["units"]), int(row["n_values"]))
+            elif kind == "ambiguous":
+                result.ambiguous[metric] = int(row["n_values"])
             else:
                 key = (metric, row["denominator"])
                 per_variant = result.metrics.setdefault(key, {v: UnitStats() for v in variants})

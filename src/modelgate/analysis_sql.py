@@ -15,6 +15,9 @@ The rows it returns (column `kind`):
             metric's sum); a unit without values has x = 0
   excluded  per metric: values (and distinct units) that no enrolled exposure of the
             experiment claims: units never exposed, request ids never seen
+  ambiguous per metric: values by request id whose 16-byte id tail the experiment's
+            exposures show for more than one (unit hash, variant) (two ids with one tail,
+            or one id reused): dropped, never attributed to either (n_values; issue 12)
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ _MOMENTS = """count(*) AS units,
 # scanning the Arrow columns again.
 _EXPOSED = """(SELECT unit_hash, variant, ts_ns, rid_hi, rid_lo FROM exposures
     WHERE experiment = {experiment} AND (flags & 1) = 1)"""
+_CLAIMS = """(SELECT unit_hash, variant, rid_hi, rid_lo, flags FROM exposures
+    WHERE experiment = {experiment})"""
 _FEEDBACK = """(SELECT metric, unit_hash, rid_hi, rid_lo, value FROM feedback
     WHERE experiment = {experiment} AND (flags & 2) = {by_request})"""
 
@@ -43,11 +48,15 @@ _HEAD = """WITH units AS (  -- enrolled units; a unit's variant is its first enr
     CASE WHEN min(variant) <> max(variant) THEN 1 ELSE 0 END AS switched
   FROM {exposed} AS e GROUP BY unit_hash
 ),
-request_units AS (  -- feedback by request id: the unit of that request's enrolled exposure
-  SELECT rid_hi, rid_lo, arg_min(unit_hash, ts_ns) AS unit_hash
-  FROM {exposed} AS e
+request_units AS (  -- feedback by request id: the unit of the id tail's exposures, which
+  -- must all be one (unit, variant); otherwise the tail is ambiguous (the logs keep 16 bytes)
+  SELECT rid_hi, rid_lo, min(unit_hash) AS unit_hash,
+    CASE WHEN min(unit_hash) <> max(unit_hash) OR min(variant) <> max(variant)
+      THEN 1 ELSE 0 END AS ambiguous
+  FROM {claims} AS e
   WHERE (rid_hi, rid_lo) IN (SELECT rid_hi, rid_lo FROM {by_request} AS f)
   GROUP BY rid_hi, rid_lo
+  HAVING max(flags & 1) = 1 OR min(unit_hash) <> max(unit_hash) OR min(variant) <> max(variant)
 ),
 attributed AS (
   SELECT metric, unit_hash, value FROM {by_unit} AS f
@@ -55,6 +64,7 @@ attributed AS (
   SELECT f.metric, r.unit_hash, f.value
   FROM {by_request} AS f LEFT JOIN request_units AS r
     ON f.rid_hi = r.rid_hi AND f.rid_lo = r.rid_lo
+  WHERE coalesce(r.ambiguous, 0) = 0
 ),
 unit_values AS (
   SELECT unit_hash, metric, sum(value) AS x, count(*) AS n
@@ -102,7 +112,11 @@ UNION ALL
 SELECT 'excluded', NULL, v.metric, NULL, count(v.unit_hash), NULL, NULL, NULL, NULL, NULL,
   NULL, sum(v.n)
 FROM unit_values v LEFT JOIN units u ON u.unit_hash = v.unit_hash
-WHERE u.unit_hash IS NULL GROUP BY v.metric"""
+WHERE u.unit_hash IS NULL GROUP BY v.metric
+UNION ALL
+SELECT 'ambiguous', NULL, f.metric, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, count(*)
+FROM {by_request} AS f JOIN request_units AS r ON f.rid_hi = r.rid_hi AND f.rid_lo = r.rid_lo
+WHERE r.ambiguous = 1 GROUP BY f.metric"""
 
 
 def quote(name: str | int) -> str:
@@ -119,10 +133,12 @@ def experiment_query(
     """The query for one experiment; `ratios` adds (metric, denominator metric) pairs beside
     the per-exposure and per-value rows every metric gets. `experiment`: the parameter, or
     a quoted literal for a query printed for another engine."""
+    by_request = _FEEDBACK.format(experiment=experiment, by_request=2)
     sql = _HEAD.format(
         exposed=_EXPOSED.format(experiment=experiment),
+        claims=_CLAIMS.format(experiment=experiment),
         by_unit=_FEEDBACK.format(experiment=experiment, by_request=0),
-        by_request=_FEEDBACK.format(experiment=experiment, by_request=2),
+        by_request=by_request,
     )
     if ratios:
         pairs = " OR ".join(
@@ -130,7 +146,7 @@ def experiment_query(
             for metric, denominator in ratios
         )
         sql += _RATIO.format(moments=_MOMENTS, pairs=pairs)
-    return sql + _EXCLUDED
+    return sql + _EXCLUDED.format(by_request=by_request)
 
 
 def for_dialect(dialect: str, experiment: str, ratios: Sequence[tuple[str, str]] = ()) -> str:

@@ -107,7 +107,8 @@ def results_from_logs(
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], dict[str, int]]:
     """Results over units from the files (the analysis engine, issue 13), the timelines of
     the HTML report (per event; only when `timelines`), and the values no enrolled exposure
-    claims (`excluded`, summed over metrics)."""
+    claims (`excluded`) and those dropped because their request id tail was exposed to
+    several units or variants (`ambiguous`), summed over metrics."""
     from modelgate.analysis_engine import AnalysisEngine, AnalysisError
     from modelgate.unit_results import ratio_pairs, unit_results
 
@@ -121,13 +122,14 @@ def results_from_logs(
         designs = _designs(log_dir, engine.designs, config)
         names = _names(designs, experiment)
         results = []
-        excluded = 0
+        excluded = ambiguous = 0
         for name in names:
             if name not in engine.experiments():
                 raise AnalyzeError(f"--logs {log_dir}: no exposure records of experiment {name!r}")
             units = engine.query(name, ratio_pairs(designs[name]))
             results.append(unit_results(designs[name], units, engine.binary_metrics(name)))
             excluded += sum(n for _, n in units.excluded.values())
+            ambiguous += sum(units.ambiguous.values())
     finally:
         engine.close()
     plots: dict[str, dict[str, Any]] = {}
@@ -138,7 +140,7 @@ def results_from_logs(
         plots = {
             n: timeline_of(data, n, float(r["alpha"])) for n, r in zip(names, results, strict=True)
         }
-    return results, plots, {"excluded": excluded}
+    return results, plots, {"excluded": excluded, "ambiguous": ambiguous}
 
 
 def _num(value: Any, spec: str = ".4g") -> str:
@@ -255,6 +257,11 @@ def format_unit_results(result: dict[str, Any]) -> str:
         lines.append(
             f"  {metric}: {out['values']} values of {out['units']} units left out "
             "(no enrolled exposure claims them)"
+        )
+    for metric, n in result.get("ambiguous", {}).items():
+        lines.append(
+            f"  {metric}: {n} values by request id dropped (their id tail was exposed to "
+            "several units or variants)"
         )
     lines += _format_sample_sizes(result, "units")
     return "\n".join(lines)
@@ -385,7 +392,8 @@ def run(ns: argparse.Namespace) -> int:
             source = (
                 f"recomputed per event from {ns.logs}: feedback joined to exposures "
                 f"{join.get('joined', 0)}, not joined {join.get('unjoined', 0)}, attributed to "
-                f"another variant than logged {join.get('moved', 0)}"
+                f"another variant than logged {join.get('moved', 0)}, dropped as ambiguous "
+                f"(a request id tail of several units or variants) {join.get('ambiguous', 0)}"
             )
         else:
             results, timelines, counts = results_from_logs(
@@ -393,7 +401,8 @@ def run(ns: argparse.Namespace) -> int:
             )
             source = (
                 f"recomputed over units from {ns.logs} (DuckDB); feedback values that no "
-                f"enrolled exposure claims: {counts['excluded']}"
+                f"enrolled exposure claims: {counts['excluded']}; dropped as ambiguous (a "
+                f"request id tail of several units or variants): {counts['ambiguous']}"
             )
     except AnalyzeError as exc:
         print(f"modelgate analyze: {exc}", file=sys.stderr)

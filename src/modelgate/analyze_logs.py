@@ -32,7 +32,7 @@ class LogData:
     designs: dict[str, dict[str, Any]]  # from the newest sidecar that has them
     exposures: dict[str, np.ndarray] = field(default_factory=dict)  # column -> array
     feedback: dict[str, np.ndarray] = field(default_factory=dict)
-    join: Counter[str] = field(default_factory=Counter)  # joined, unjoined, moved
+    join: Counter[str] = field(default_factory=Counter)  # joined, unjoined, moved, ambiguous
 
 
 def _columns(
@@ -61,29 +61,47 @@ def load_logs(path: str | os.PathLike[str]) -> LogData:
     exposure it joins: the request's own exposure (feedback by request id) or the unit's
     first enrolled exposure in that experiment (feedback by unit). A record that joins no
     exposure keeps the variant the gateway attributed when it accepted it. Without a change
-    of weights or salt in between, this is exactly what the live results counted."""
+    of weights or salt in between, this is exactly what the live results counted.
+
+    The records keep only the request id's last 16 bytes, so two requests can share one
+    (`victim-…0123456789abcdef` and `attacker-0-0123456789abcdef`, or one id reused). A
+    tail whose exposures in an experiment show more than one (unit hash, variant) is
+    ambiguous: its feedback by request id is dropped and counted (`ambiguous`), never
+    attributed to one of them (issue 12 review, finding 2)."""
     exposures, designs = _columns(path, "exposure", EXPOSURE_DTYPE, EXPOSURE_NAMES)
     feedback, _ = _columns(path, "feedback", FEEDBACK_DTYPE, FEEDBACK_NAMES)
     data = LogData(designs, exposures, feedback)
     if not feedback:
         return data
     by_request: dict[tuple[str, bytes], tuple[str, bool]] = {}
+    claimant: dict[tuple[str, bytes], tuple[int, str]] = {}  # (unit hash, variant) of a tail
+    ambiguous: set[tuple[str, bytes]] = set()
     by_unit: dict[tuple[str, int], str] = {}
     if exposures:
         order = np.argsort(exposures["ts_ns"], kind="stable")
         for i in order.tolist():
             experiment, variant = exposures["experiment"][i], exposures["variant"][i]
             enrolled = bool(exposures["flags"][i] & FLAG_ENROLLED)
-            by_request[(experiment, bytes(exposures["request_id"][i]))] = (variant, enrolled)
+            unit_hash = int(exposures["unit_hash"][i])
+            key = (experiment, bytes(exposures["request_id"][i]))
+            if claimant.setdefault(key, (unit_hash, variant)) != (unit_hash, variant):
+                ambiguous.add(key)
+            by_request[key] = (variant, enrolled)
             if enrolled:
-                by_unit.setdefault((experiment, int(exposures["unit_hash"][i])), variant)
+                by_unit.setdefault((experiment, unit_hash), variant)
     variants = feedback["variant"].copy()
     enrolled = (feedback["flags"] & FEEDBACK_ENROLLED) != 0
+    kept = np.ones(len(variants), dtype=bool)
     for i in range(len(variants)):
         experiment = feedback["experiment"][i]
         found: tuple[str, bool] | None
         if feedback["flags"][i] & FLAG_BY_REQUEST_ID:
-            found = by_request.get((experiment, bytes(feedback["request_id"][i])))
+            key = (experiment, bytes(feedback["request_id"][i]))
+            if key in ambiguous:
+                data.join["ambiguous"] += 1
+                kept[i] = False
+                continue
+            found = by_request.get(key)
         else:
             unit_variant = by_unit.get((experiment, int(feedback["unit_hash"][i])))
             found = (unit_variant, True) if unit_variant is not None else None
@@ -95,6 +113,8 @@ def load_logs(path: str | os.PathLike[str]) -> LogData:
             data.join["moved"] += 1
         variants[i], enrolled[i] = found
     feedback["variant"], feedback["enrolled"] = variants, enrolled
+    if not kept.all():
+        data.feedback = {name: column[kept] for name, column in feedback.items()}
     return data
 
 

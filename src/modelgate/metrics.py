@@ -54,8 +54,9 @@ _FAMILY = {
     "feedback": (
         "modelgate_feedback",
         "Feedback by result: accepted (items), counted (values added to a variant's "
-        "statistics), bad, unauthorized, unknown_request_id and ambiguous_request_id (posts "
-        "refused), request_id_collisions (an id reused by another unit or variant)",
+        "statistics), bad, unauthorized, unknown_request_id, ambiguous_request_id and duplicate "
+        "(posts refused; duplicate: a second value for a request id and metric), "
+        "request_id_collisions (an id reused by another unit or variant)",
     ),
     "log_records": (
         "modelgate_log_records",

@@ -134,8 +134,10 @@ def latency_quantile(buckets: list[int], q: float) -> float:
 
 Assignments = tuple[tuple[str, str, bool], ...]  # (experiment, variant, enrolled)
 # A remembered request: when, its assignments (None once a second request claimed the same
-# id for another unit or variant: the join is ambiguous), and the XXH64 of its unit.
-Remembered = tuple[float, Assignments | None, int]
+# id for another unit or variant: the join is ambiguous), the XXH64 of its unit, and the
+# metrics already credited to it by request id (None until its first feedback, so a request
+# nobody posts for costs no set).
+Remembered = tuple[float, Assignments | None, int, frozenset[str] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +158,8 @@ _REFUSALS = {
     404: "unknown_request_id",
     409: "ambiguous_request_id",
 }
+# Refusals counted by their code where the status is shared (409).
+_REFUSAL_CODES = {"duplicate_feedback": "duplicate"}
 
 
 def assignment_bytes(assignments: Assignments) -> bytes:
@@ -218,10 +222,10 @@ class OutcomeStore:
                 if found[1] != assignments or found[2] != unit_hash:
                     if found[1] is not None:
                         self.counts["request_id_collisions"] += 1
-                    recent[request_id] = (found[0], None, 0)
+                    recent[request_id] = (found[0], None, 0, found[3])
                 return
             del recent[request_id]  # expired: the new request takes the id, at the young end
-        recent[request_id] = (now, assignments, unit_hash)
+        recent[request_id] = (now, assignments, unit_hash, None)
         if len(recent) > spec.max_request_ids:
             recent.popitem(last=False)
         self._inserts += 1
@@ -293,7 +297,8 @@ class OutcomeStore:
         """Validates a feedback document (one object or a list) and records it all, or
         nothing: raises FeedbackError (400 bad input, 401/403 a missing or wrong secret or
         token, 404 unknown or expired request id, 409 an ambiguous request id, 413 too many
-        items, 422 a unit outside the experiment)."""
+        items, 409 a second value for a (request id, metric), 422 a unit outside the
+        experiment)."""
         spec = plan.config.feedback
         try:
             document = orjson.loads(body)
@@ -311,14 +316,20 @@ class OutcomeStore:
             raise FeedbackError(400, "bad_feedback", "an empty batch")
         resolved: list[_Item] = []
         pending: set[str] = set()
+        credits: dict[bytes, set[str]] = {}  # this batch's (request id, metric) pairs
         for index, item in enumerate(items):
             where = f"[{index}]" if isinstance(document, list) else ""
             try:
-                resolved.append(self._resolve(item, plan, now, credential, pending))
+                found = self._resolve(item, plan, now, credential, pending)
+                if found.request_id:
+                    self._claim(found, item, credits)
+                resolved.append(found)
             except FeedbackError as exc:
-                self.counts[_REFUSALS.get(exc.status, "bad")] += 1
+                result = _REFUSAL_CODES.get(exc.code) or _REFUSALS.get(exc.status, "bad")
+                self.counts[result] += 1
                 raise FeedbackError(exc.status, exc.code, f"{where}{exc.detail}") from None
         self.metrics.commit(pending)
+        self._credit(credits)
         counted = 0
         log = self._feedback_log(plan) if plan.exposures else None
         for found in resolved:
@@ -345,6 +356,35 @@ class OutcomeStore:
         self.counts["accepted"] += len(resolved)
         self.counts["counted"] += counted
         return {"accepted": len(resolved), "counted": counted}
+
+    def _claim(self, found: _Item, item: dict[str, Any], credits: dict[bytes, set[str]]) -> None:
+        """One value per (request id, metric): a token proves its holder got the response,
+        so without this one holder could post a value any number of times and decide a
+        result alone (issue 12 review, finding 1). Repeats in this batch or earlier ones
+        are refused; nothing is recorded until the whole batch passed."""
+        metric = found.metric
+        batch = credits.get(found.request_id)
+        done = self.recent[found.request_id][3]  # _joined found it live
+        if (batch is not None and metric in batch) or (done is not None and metric in done):
+            raise FeedbackError(
+                409,
+                "duplicate_feedback",
+                f"request {item['request_id']!r} already has a value for metric {metric!r}; "
+                "feedback by request id is one value per request and metric",
+            )
+        if batch is None:
+            credits[found.request_id] = {metric}
+        else:
+            batch.add(metric)
+
+    def _credit(self, credits: dict[bytes, set[str]]) -> None:
+        """Marks a recorded batch's metrics as credited, in place: the entry keeps its age
+        and its place in the eviction order."""
+        recent = self.recent
+        for request_id, metrics in credits.items():
+            when, assignments, unit_hash, done = recent[request_id]
+            merged = frozenset(metrics) if done is None else done | metrics
+            recent[request_id] = (when, assignments, unit_hash, merged)
 
     def _feedback_log(self, plan: Plan) -> FeedbackLog:
         log = self.feedback_log

@@ -234,6 +234,7 @@ def unit_results(
         "multiple_testing": {"method": "holm", "tests": len(tested)},
         "srm": _srm(design, counts),
         "excluded": {m: {"units": u, "values": n} for m, (u, n) in sorted(units.excluded.items())},
+        "ambiguous": dict(sorted(units.ambiguous.items())),
         "sample_size": [
             _sample_size(m, float(mde[m]), summaries.get(m, {}), control, analysis)
             for m in sorted(mde)
