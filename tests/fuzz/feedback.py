@@ -97,6 +97,12 @@ class FeedbackDoor:
             )
         )
         gateway = self.door.gateway
+        # Every input sees the served request fresh: with one value per (request id, metric),
+        # only the first input could otherwise reach the accepted path by request id.
+        remembered = gateway.outcomes.recent.get(self.request_id)
+        if remembered is not None:
+            when, assignments, unit_hash, _ = remembered
+            gateway.outcomes.recent[self.request_id] = (when, assignments, unit_hash, None)
         before = _totals(gateway.outcomes.outcomes)
         split = (flags >> 1) & 3
         chunks = (
