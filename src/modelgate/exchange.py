@@ -62,6 +62,11 @@ _UPSTREAM_FAILURE_STATUS = {
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
+def _unit_hash(unit: str) -> int:
+    """What the records and the feedback token carry of a unit: computed once per request."""
+    return xxh64(unit.encode("utf-8")) if unit else 0
+
+
 class Exchange:
     """A request and its response. States advance one way: parsing -> started -> done."""
 
@@ -485,6 +490,8 @@ class Exchange:
         if len(experiments) == 1 and plan.force_header is None and experiments[0].targeting.plain:
             return self._assign_plain(plan, route, experiments[0])
         unit: str | None = None
+        unit_hash = 0  # XXH64 of the unit once it is known: for exposures and the token
+        hashed = plan.exposures or plan.remember_requests
         upstream: str | None = None
         names: list[bytes] = []
         for experiment in experiments:
@@ -496,6 +503,7 @@ class Exchange:
                     unit = self._unit_or_fallback(route)
                     if unit is None:
                         return None
+                    unit_hash = _unit_hash(unit) if hashed else 0
                 assignment = experiment.targeting.assign(unit, self._lookup)
                 if assignment is None:
                     continue  # the unit's layer puts it in another experiment
@@ -510,7 +518,7 @@ class Exchange:
                 self.client.gateway.outcomes.expose(
                     plan,
                     self.request_id,
-                    unit,
+                    unit_hash,
                     experiment.name,
                     variant.name,
                     (FLAG_ENROLLED if enrolled else 0) | (0 if index_from_unit else FLAG_FORCED),
@@ -522,7 +530,7 @@ class Exchange:
         self.variant_header = names[0] if len(names) == 1 else b",".join(names)
         self.variant_line = b"x-modelgate-variant: " + self.variant_header + b"\r\n"
         if plan.remember_requests:
-            self._remember(plan, unit, tuple(self.assignments))
+            self._remember(plan, unit_hash, tuple(self.assignments))
         return unit, upstream
 
     def _assign_plain(
@@ -538,19 +546,21 @@ class Exchange:
         self.variant_line = variant.header_line
         record = variant.record
         self.assignments.append(record)
-        outcomes = self.client.gateway.outcomes
-        if plan.exposures:
-            outcomes.expose(plan, self.request_id, unit, record[0], record[1], FLAG_ENROLLED)
-        if plan.remember_requests:
-            self._remember(plan, unit, (record,))
+        if plan.exposures or plan.remember_requests:
+            unit_hash = _unit_hash(unit)
+            if plan.exposures:
+                self.client.gateway.outcomes.expose(
+                    plan, self.request_id, unit_hash, record[0], record[1], FLAG_ENROLLED
+                )
+            if plan.remember_requests:
+                self._remember(plan, unit_hash, (record,))
         return unit, variant.upstream if variant.routes_traffic else None
 
     def _remember(
-        self, plan: Plan, unit: str | None, assignments: tuple[tuple[str, str, bool], ...]
+        self, plan: Plan, unit_hash: int, assignments: tuple[tuple[str, str, bool], ...]
     ) -> None:
         """Keeps the request for feedback by its id, and hands the client the token that
         proves, in that feedback, that it got this very response (issue 12)."""
-        unit_hash = xxh64(unit.encode("utf-8")) if unit else 0
         self.client.gateway.outcomes.remember(
             self.request_id,
             assignments,

@@ -240,11 +240,12 @@ class OutcomeStore:
         self,
         plan: Plan,
         request_id: bytes,
-        unit: str | None,
+        unit_hash: int,
         experiment: str,
         variant: str,
         flags: int,
     ) -> None:
+        """`unit_hash`: XXH64 of the unit, 0 without one (the request path hashes it once)."""
         log = self.exposures
         if log is None:
             log = self.exposures = ExposureLog(plan.config.log_dir)
@@ -252,7 +253,7 @@ class OutcomeStore:
             self._described = None  # a feedback log may have been described without this one
         if plan.config is not self._described:
             self._describe(plan.config)
-        log.add(request_id, xxh64(unit.encode("utf-8")) if unit else 0, experiment, variant, flags)
+        log.add(request_id, unit_hash, experiment, variant, flags)
 
     def _describe(self, config: GatewayConfig) -> None:
         """The experiments' design goes into the sidecars (a new dict: the writer threads
