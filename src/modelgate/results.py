@@ -18,7 +18,13 @@ from modelgate.stats import (
     welch_test,
 )
 
-__all__ = ["BINARY_TOLERANCE", "experiment_results", "is_binary", "with_still_needed"]
+__all__ = [
+    "BINARY_TOLERANCE",
+    "experiment_results",
+    "is_binary",
+    "per_arm_needed",
+    "with_still_needed",
+]
 
 # A metric is binary when its moments are exactly those of 0/1 values (see is_binary).
 BINARY_TOLERANCE = 1e-9
@@ -112,20 +118,40 @@ def _sample_size(
     base = arms[control]
     out: dict[str, Any] = {"metric": metric, "mde": mde, "n_per_arm": None, "still_needed": None}
     try:
-        if binary:
-            if not base["count"]:
-                raise ValueError("no control observations to estimate the base rate from")
-            p_a = base["ones"] / base["count"]
-            p_b = p_a + mde if p_a + mde <= 1.0 else p_a - mde
-            n = proportion_sample_size(p_a, p_b, alpha, power)
-        else:
-            if base["count"] < 2 or not base["variance"]:
-                raise ValueError("needs 2 control observations that differ, for the sd")
-            n = sample_size(mde, math.sqrt(base["variance"]), alpha, power)
+        if binary and not base["count"]:
+            raise ValueError("no control observations to estimate the base rate from")
+        n = per_arm_needed(
+            binary,
+            base["ones"] / base["count"] if binary else 0.0,
+            base["variance"] if base["count"] >= 2 else None,
+            mde,
+            alpha,
+            power,
+            "observations",
+        )
     except ValueError as exc:
         out["error"] = str(exc)
         return out
     return with_still_needed(out, n, arms)
+
+
+def per_arm_needed(
+    proportion: bool,
+    base_rate: float,
+    variance: float | None,
+    mde: float,
+    alpha: float,
+    power: float,
+    what: str,
+) -> float:
+    """Sample size per arm to detect `mde`: for a proportion from the control's rate (the
+    alternative `mde` above it, or below when that passes 1), else from its variance."""
+    if proportion:
+        other = base_rate + mde if base_rate + mde <= 1.0 else base_rate - mde
+        return proportion_sample_size(base_rate, other, alpha, power)
+    if not variance:
+        raise ValueError(f"needs 2 control {what} that differ, for the sd")
+    return sample_size(mde, math.sqrt(variance), alpha, power)
 
 
 def with_still_needed(

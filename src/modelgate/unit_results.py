@@ -12,19 +12,16 @@ correlated; counting them as independent samples understates every variance.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from modelgate.analysis_engine import ExperimentUnits
-from modelgate.results import with_still_needed
+from modelgate.results import per_arm_needed, with_still_needed
 from modelgate.stats import (
     DEFAULT_TUNING,
     EffectResult,
     UnitStats,
     cuped_test,
     holm,
-    proportion_sample_size,
-    sample_size,
     sequential_srm_test,
     srm_test,
     unit_mean_test,
@@ -138,15 +135,8 @@ def _sample_size(
     try:
         if base is None or base["mean"] is None:
             raise ValueError("no feedback for this metric in the control yet")
-        if base["kind"] == "proportion":
-            p_a = base["mean"]
-            n = proportion_sample_size(
-                p_a, p_a + mde if p_a + mde <= 1.0 else p_a - mde, alpha, power
-            )
-        else:
-            if not base["variance"]:
-                raise ValueError("needs 2 control units that differ, for the sd")
-            n = sample_size(mde, math.sqrt(base["variance"]), alpha, power)
+        proportion = base["kind"] == "proportion"
+        n = per_arm_needed(proportion, base["mean"], base["variance"], mde, alpha, power, "units")
     except ValueError as exc:
         out["error"] = str(exc)
         return out
