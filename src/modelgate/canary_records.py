@@ -72,25 +72,24 @@ class RecordEvidence:
         self._as_of = 0.0
 
     def _current(self) -> tuple[AnalysisEngine, float]:
-        """The engine, refreshed when older than REFRESH_S (under the lock: one refresh for
-        every canary that asks at once)."""
-        with self._lock:
-            now = time.monotonic()
-            if self._engine is None or now - self._read_at >= REFRESH_S:
-                engine = self._open(self.log_dir)
-                if self._engine is not None:
-                    self._engine.close()
-                self._engine, self._read_at = engine, now
-                self._as_of = time.time()
-            return self._engine, self._as_of
+        """The engine, refreshed when older than REFRESH_S (the caller holds the lock)."""
+        now = time.monotonic()
+        if self._engine is None or now - self._read_at >= REFRESH_S:
+            engine = self._open(self.log_dir)
+            if self._engine is not None:
+                self._engine.close()
+            self._engine, self._read_at, self._as_of = engine, now, time.time()
+        return self._engine, self._as_of
 
     def evidence(
         self, view: ExperimentView, metrics: Sequence[str], since: float, step: float
     ) -> Evidence:
         from modelgate.analysis_engine import AnalysisError
 
-        engine, as_of = self._current()
-        with self._lock:  # a DuckDB connection runs one query at a time
+        # One lock over the refresh and the queries: a DuckDB connection runs one query at
+        # a time, and no other caller may close the engine under this one.
+        with self._lock:
+            engine, as_of = self._current()
             system = system_units(
                 engine, view.name, view.variants, int(since * 1e9), int(step * 1e9)
             )
