@@ -15,6 +15,7 @@ pyspark is the optional extra `spark`; Spark runs on Java (17 or later for pyspa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -106,6 +107,7 @@ def local_session(master: str = DEFAULT_MASTER) -> Any:
             "in JAVA_HOME"
         ) from exc
     session.sparkContext.setLogLevel("ERROR")
+    logging.getLogger("py4j").setLevel(logging.WARNING)  # its INFO lines on every stop
     session.conf.set("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
     return session
 
