@@ -224,7 +224,7 @@ def test_analyze_reads_the_logs_of_a_gateway_killed_mid_write(tmp_path: Path) ->
 
                     async def flushed() -> bool:
                         files = list(log_dir.glob("exposure-*.bin"))
-                        return sum(f.stat().st_size for f in files) >= 200 * 40
+                        return sum(f.stat().st_size for f in files) >= 200 * EXPOSURE_DTYPE.itemsize
 
                     await wait_until(flushed, "the exposures flushed")
                     load = asyncio.gather(*(traffic(session, url, k, k + 50) for k in (1, 2)))
@@ -244,7 +244,7 @@ def test_analyze_reads_the_logs_of_a_gateway_killed_mid_write(tmp_path: Path) ->
     orphan = np.zeros(1, dtype=EXPOSURE_DTYPE)
     orphan["experiment_id"], orphan["variant_id"] = 0, 7
     with open(file, "r+b") as f:
-        f.truncate(size - size % 40)
+        f.truncate(size - size % EXPOSURE_DTYPE.itemsize)
         f.seek(0, os.SEEK_END)
         f.write(orphan.tobytes() + b"\x01" * 17)
     result = analyze(log_dir)
@@ -254,4 +254,4 @@ def test_analyze_reads_the_logs_of_a_gateway_killed_mid_write(tmp_path: Path) ->
     assert "ranker" in result.stdout and "control" in result.stdout
     _, rows = read_exposures(log_dir)
     assert len(rows) >= 200 and {r["variant"] for r in rows} == {"control", "candidate"}
-    assert len(rows) == size // 40
+    assert len(rows) == size // EXPOSURE_DTYPE.itemsize

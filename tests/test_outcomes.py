@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import xxhash
 from scipy import stats as scipy_stats  # type: ignore[import-untyped]
 
-from modelgate.exposure import EXPOSURE_DTYPE, read_exposures
+from modelgate.exposure import EXPOSURE_DTYPE, LEGACY_EXPOSURE_DTYPE, read_exposures
 from modelgate.mock import MockSettings
 from modelgate.outcomes import LATENCY_BUCKETS_S, Moments, latency_quantile
 from modelgate.stats import welch_test
@@ -186,6 +187,70 @@ def test_exposure_records_read_back_with_numpy(tmp_path: Path) -> None:
     for i, row in enumerate(rows):
         assert row["unit_hash"] == xxhash.xxh64_intdigest(f"u{i}".encode())
         assert row["variant"] == variant_of(f"u{i}") and row["enrolled"]
+
+
+def test_exposure_records_carry_the_answers_status_and_latency(tmp_path: Path) -> None:
+    """Written when the answer is done: the candidate's 503s and its 30 ms show in its
+    records, the control's 200s in its own; a client that hangs up is not measured."""
+    mocks = {
+        "model-a": MockSettings(name="a"),
+        "model-b": MockSettings(name="b", error_rate=1.0, error_status=503, latency_ms=30.0),
+    }
+
+    @async_test
+    async def run() -> None:
+        config = ab_config(log_dir=str(tmp_path))
+        async with gateway_stack(config, mocks) as stack, aiohttp.ClientSession() as session:
+            for i in range(120):
+                async with session.post(
+                    stack.url + "/predict", json={}, headers={"x-user-id": f"u{i % 40}"}
+                ) as response:
+                    await response.read()
+            # A client that leaves before its answer: hashed to the slow candidate.
+            slow = next(f"gone{i}" for i in range(100) if variant_of(f"gone{i}") == "candidate")
+            reader, writer = await asyncio.open_connection("127.0.0.1", stack.port)
+            writer.write(
+                b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n"
+                + f"x-user-id: {slow}\r\n\r\n{{}}".encode()
+            )
+            await writer.drain()
+            writer.transport.abort()
+            await asyncio.sleep(0.1)
+
+    run()
+    records, rows = read_exposures(tmp_path)
+    assert len(rows) == 121
+    answered = [r for r in rows if r["status"] is not None]
+    assert len(answered) == 120
+    for row in answered:
+        if row["variant"] == "candidate":
+            assert row["status"] == 503 and row["latency_us"] >= 30_000
+        else:
+            assert row["status"] == 200 and 0 < row["latency_us"] < 30_000
+    (gone,) = [r for r in rows if r["status"] is None]
+    assert gone["variant"] == "candidate" and gone["latency_us"] is None
+    # ts_ns is when the request came: never after its answer.
+    assert all(int(r["ts_ns"]) > 0 for r in records)
+
+
+def test_exposure_files_of_the_older_layout_still_read(tmp_path: Path) -> None:
+    """Files written before records carried status and latency: read, with both unknown."""
+    old = np.zeros(3, dtype=LEGACY_EXPOSURE_DTYPE)
+    old["ts_ns"], old["unit_hash"], old["flags"] = 10**18, [1, 2, 3], 1
+    old["variant_id"] = [0, 1, 0]
+    old.tofile(tmp_path / "exposure-1-p1-0.bin")
+    sidecar = {
+        "experiments": ["ranker"],
+        "variants": ["control", "candidate"],
+        "dtype": LEGACY_EXPOSURE_DTYPE.descr,
+        "format": "exposure",
+    }
+    (tmp_path / "exposure-1-p1-0.json").write_text(json.dumps(sidecar))
+    records, rows = read_exposures(tmp_path)
+    assert records.dtype == EXPOSURE_DTYPE
+    assert [r["unit_hash"] for r in rows] == [1, 2, 3]
+    assert [r["variant"] for r in rows] == ["control", "candidate", "control"]
+    assert all(r["enrolled"] and r["status"] is None for r in rows)
 
 
 @async_test

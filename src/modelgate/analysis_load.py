@@ -30,8 +30,9 @@ __all__ = ["EXPOSURE_COLUMNS", "FEEDBACK_COLUMNS", "RecordTables", "load_tables"
 
 # Plain columns (numeric fields, int64 where the record holds uint64 hashes); `rid_hi` and
 # `rid_lo` are the two halves of the request id's tail, `date` (UTC) only in Parquet.
-EXPOSURE_COLUMNS = ("experiment", "variant", "ts_ns", "unit_hash", "rid_hi", "rid_lo", "flags")
-FEEDBACK_COLUMNS = EXPOSURE_COLUMNS[:2] + ("metric",) + EXPOSURE_COLUMNS[2:-1] + ("value", "flags")
+_KEYS = ("experiment", "variant", "ts_ns", "unit_hash", "rid_hi", "rid_lo")
+EXPOSURE_COLUMNS = (*_KEYS, "flags", "status", "latency_us")
+FEEDBACK_COLUMNS = (*_KEYS[:2], "metric", *_KEYS[2:], "value", "flags")
 _AS_INT64 = {"ts_ns", "unit_hash"}
 
 

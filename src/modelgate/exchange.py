@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 import httptools
@@ -125,6 +126,7 @@ class Exchange:
         "feedback_line",
         "buffering",
         "model_held",
+        "exposed",
     )
 
     def __init__(self, client: ClientConnection) -> None:
@@ -176,6 +178,7 @@ class Exchange:
         self.model_head: list[bytes] | None = None  # head parts held while a model fault waits
         self.model_body: list[bytes] = []
         self.assignments: list[tuple[str, str, bool]] = []  # (experiment, variant, enrolled)
+        self.exposed: list[tuple[int, str, str, int]] = []  # unit hash, experiment, variant, flags
         self.body_waiter: Callable[[], None] | None = None  # runs when the body is complete
         self.pools: dict[str, UpstreamPool] = {}  # the pools of the Plan read at start
         self.variant_line = b""  # the x-modelgate-variant header line, when one applies
@@ -269,7 +272,8 @@ class Exchange:
         self.plan = plan
         # The registry replaces (never mutates) its dict on a reload: this is the Plan's set.
         self.pools = self.client.gateway.registry.pools
-        self.started_at = self.client.gateway.loop.time()
+        # A precise clock: the loop's time moves in whole milliseconds under uvloop.
+        self.started_at = perf_counter()
         rid = self.client_request_id
         self.request_id = rid if rid is not None and is_valid_request_id(rid) else new_request_id()
         if self.reject is not None:
@@ -515,13 +519,14 @@ class Exchange:
             names.append(variant.assignment)
             self.assignments.append((experiment.name, variant.name, enrolled))
             if plan.exposures:
-                self.client.gateway.outcomes.expose(
-                    plan,
-                    self.request_id,
-                    unit_hash,
-                    experiment.name,
-                    variant.name,
-                    (FLAG_ENROLLED if enrolled else 0) | (0 if index_from_unit else FLAG_FORCED),
+                self.exposed.append(
+                    (
+                        unit_hash,
+                        experiment.name,
+                        variant.name,
+                        (FLAG_ENROLLED if enrolled else 0)
+                        | (0 if index_from_unit else FLAG_FORCED),
+                    )
                 )
             if upstream is None and variant.routes_traffic:
                 upstream = variant.upstream
@@ -549,9 +554,7 @@ class Exchange:
         if plan.exposures or plan.remember_requests:
             unit_hash = _unit_hash(unit)
             if plan.exposures:
-                self.client.gateway.outcomes.expose(
-                    plan, self.request_id, unit_hash, record[0], record[1], FLAG_ENROLLED
-                )
+                self.exposed.append((unit_hash, record[0], record[1], FLAG_ENROLLED))
             if plan.remember_requests:
                 self._remember(plan, unit_hash, (record,))
         return unit, variant.upstream if variant.routes_traffic else None
@@ -1156,13 +1159,30 @@ class Exchange:
         gateway.counters.count_response(
             route.name if route is not None else "", self.variant_name, self.response_status
         )
-        latency = gateway.loop.time() - self.started_at if self.started_at else 0.0
+        latency = perf_counter() - self.started_at if self.started_at else 0.0
         gateway.counters.observe_latency(
             route.name if route is not None else "", self.variant_name, latency
         )
         if self.assignments:
             error = self.response_status >= 500 or self.response_status == 0
             gateway.outcomes.observe_all(self.assignments, latency, error)
+        if self.exposed:
+            self._write_exposures(latency, measured=True)
+
+    def _write_exposures(self, latency: float, *, measured: bool) -> None:
+        """The exposure records, written once the answer is known so that they carry its
+        status and latency (`measured`: False when the client left before it)."""
+        plan = self.plan
+        if plan is not None:
+            self.client.gateway.outcomes.expose_all(
+                plan,
+                self.request_id,
+                self.exposed,
+                self.response_status if measured else 0,
+                round(latency * 1e6),
+                measured,
+            )
+        self.exposed = []
 
     def _finish(self) -> None:
         self.done = True
@@ -1183,6 +1203,9 @@ class Exchange:
             self._release_chaos()
         if self.shadow is not None:
             self.shadow.primary_abandoned()
+        if self.exposed:
+            started = self.started_at
+            self._write_exposures(perf_counter() - started if started else 0.0, measured=False)
         conn = self.upstream
         self.upstream = None
         if conn is not None:

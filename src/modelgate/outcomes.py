@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from modelgate.core import xxh64
-from modelgate.exposure import ExposureLog
+from modelgate.exposure import FLAG_MEASURED, ExposureLog
 from modelgate.feedback_checks import FeedbackError, MetricGate
 from modelgate.feedback_tokens import Credential
 from modelgate.feedbacklog import FLAG_BY_REQUEST_ID, FLAG_ENROLLED, FeedbackLog
@@ -236,16 +236,18 @@ class OutcomeStore:
             while recent and next(iter(recent.values()))[0] < horizon:
                 recent.popitem(last=False)
 
-    def expose(
+    def expose_all(
         self,
         plan: Plan,
         request_id: bytes,
-        unit_hash: int,
-        experiment: str,
-        variant: str,
-        flags: int,
+        exposed: list[tuple[int, str, str, int]],
+        status: int,
+        latency_us: int,
+        measured: bool,
     ) -> None:
-        """`unit_hash`: XXH64 of the unit, 0 without one (the request path hashes it once)."""
+        """One record per (unit hash, experiment, variant, flags) of a request that has
+        ended; the unit hash is XXH64 of the unit, 0 without one (hashed once per request).
+        `measured`: the status and latency are the answer's (not a client that left)."""
         log = self.exposures
         if log is None:
             log = self.exposures = ExposureLog(plan.config.log_dir)
@@ -253,7 +255,12 @@ class OutcomeStore:
             self._described = None  # a feedback log may have been described without this one
         if plan.config is not self._described:
             self._describe(plan.config)
-        log.add(request_id, unit_hash, experiment, variant, flags)
+        extra = FLAG_MEASURED if measured else 0
+        ts_ns = time.time_ns() - latency_us * 1000  # when the request came
+        for unit_hash, experiment, variant, flags in exposed:
+            log.add(
+                request_id, unit_hash, experiment, variant, flags | extra, status, latency_us, ts_ns
+            )
 
     def _describe(self, config: GatewayConfig) -> None:
         """The experiments' design goes into the sidecars (a new dict: the writer threads

@@ -5,7 +5,8 @@ file. Never a crash, never a record attributed to a name it did not have.
 What can be wrong, and what is done:
   size not a multiple of the record size   the torn tail is ignored (a killed writer)
   no sidecar, or an unreadable one          the file is skipped (its ids mean nothing)
-  a sidecar with another record layout      the file is skipped
+  a sidecar with another record layout      the file is skipped, unless the layout is one
+                                            the caller still reads (`legacy`): converted
   an id past the end of its sidecar table   that record is skipped (it would be misnamed)
 """
 
@@ -14,19 +15,28 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["iter_record_files", "read_record_file"]
+__all__ = ["LEGACY_LAYOUTS", "iter_record_files", "read_record_file"]
 
 log = logging.getLogger("modelgate.recordlog")
 
+# Per file prefix, the older record layouts still read (a record module registers its own):
+# the files a gateway wrote before an upgrade stay readable.
+LEGACY_LAYOUTS: dict[str, tuple[np.dtype[Any], ...]] = {}
 
-def _sidecar(file: Path, dtype: np.dtype[Any], names: Mapping[str, str]) -> dict[str, Any] | str:
-    """The sidecar, or why the file cannot be read."""
+
+def _sidecar(
+    file: Path,
+    dtype: np.dtype[Any],
+    names: Mapping[str, str],
+    legacy: Sequence[np.dtype[Any]] = (),
+) -> tuple[dict[str, Any], np.dtype[Any]] | str:
+    """The sidecar and the layout its file was written in, or why the file cannot be read."""
     side = file.with_suffix(".json")
     try:
         sidecar = json.loads(side.read_bytes())
@@ -37,13 +47,18 @@ def _sidecar(file: Path, dtype: np.dtype[Any], names: Mapping[str, str]) -> dict
     if not isinstance(sidecar, dict):
         return f"sidecar {side.name} is not a JSON object"
     layout = sidecar.get("dtype")
-    if layout is not None and [list(f) for f in layout] != [list(f) for f in dtype.descr]:
-        return f"sidecar {side.name} describes another record layout"
+    written = dtype
+    if layout is not None:
+        described = [list(f) for f in layout]
+        known = [d for d in (dtype, *legacy) if [list(f) for f in d.descr] == described]
+        if not known:
+            return f"sidecar {side.name} describes another record layout"
+        written = known[0]
     for table in names.values():
         entries = sidecar.get(table)
         if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
             return f"sidecar {side.name} has no {table!r} names table"
-    return sidecar
+    return sidecar, written
 
 
 def _empty(file: Path) -> bool:
@@ -54,30 +69,42 @@ def _empty(file: Path) -> bool:
 
 
 def read_record_file(
-    file: Path, dtype: np.dtype[Any], names: Mapping[str, str] | None = None
+    file: Path,
+    dtype: np.dtype[Any],
+    names: Mapping[str, str] | None = None,
+    legacy: Sequence[np.dtype[Any]] = (),
 ) -> tuple[np.ndarray, dict[str, Any]] | None:
     """(records, sidecar) of one file, its whole and named records only; None (with a
-    warning) when the file cannot be read at all. `names`: id field -> sidecar table."""
+    warning) when the file cannot be read at all. `names`: id field -> sidecar table;
+    `legacy`: older layouts still read, their records converted to `dtype` (fields they
+    lack are zero)."""
     names = names or {}
-    sidecar = _sidecar(file, dtype, names)
-    if isinstance(sidecar, str):
+    found = _sidecar(file, dtype, names, legacy)
+    if isinstance(found, str):
         if _empty(file):
             return None  # a writer killed between creating the file and its first write
-        log.warning("%s: skipped: %s", file, sidecar)
+        log.warning("%s: skipped: %s", file, found)
         return None
+    sidecar, written = found
     try:
         size = file.stat().st_size
-        data = np.fromfile(file, dtype=dtype, count=size // dtype.itemsize)
+        data = np.fromfile(file, dtype=written, count=size // written.itemsize)
     except (OSError, ValueError) as exc:
         log.warning("%s: skipped: unreadable (%s)", file, exc)
         return None
-    if size % dtype.itemsize:
+    if size % written.itemsize:
         log.warning(
             "%s: ignored a torn last record (%d bytes; %d whole records read)",
             file,
-            size % dtype.itemsize,
+            size % written.itemsize,
             len(data),
         )
+    if written is not dtype:
+        converted = np.zeros(len(data), dtype=dtype)
+        for field in written.names or ():
+            if not field.startswith("pad") and field in (dtype.names or ()):
+                converted[field] = data[field]
+        data = converted
     keep = np.ones(len(data), dtype=bool)
     for field, table in names.items():
         keep &= data[field] < len(sidecar[table])
@@ -96,12 +123,15 @@ def iter_record_files(
     prefix: str,
     dtype: np.dtype[Any],
     names: Mapping[str, str] | None = None,
+    legacy: Sequence[np.dtype[Any]] = (),
 ) -> Iterator[tuple[Path, np.ndarray, dict[str, Any]]]:
     """Each readable `<prefix>-*.bin` file of a directory (or the one file given), in name
-    order, as (path, records, sidecar); damaged parts are skipped with a warning."""
+    order, as (path, records, sidecar); damaged parts are skipped with a warning. Files of
+    a layout in `legacy` (default: LEGACY_LAYOUTS of the prefix) come converted to `dtype`."""
+    legacy = legacy or LEGACY_LAYOUTS.get(prefix, ())
     root = Path(path)
     files = sorted(root.glob(f"{prefix}-*.bin")) if root.is_dir() else [root]
     for file in files:
-        read = read_record_file(file, dtype, names)
+        read = read_record_file(file, dtype, names, legacy)
         if read is not None:
             yield file, read[0], read[1]
