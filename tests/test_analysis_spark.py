@@ -52,6 +52,16 @@ def spark() -> Iterator[Any]:
     session = local_session("local[2]")
     yield session
     session.stop()
+    # stop() leaves the JVM running (~1 GB) until Python exits; the rest of the suite does
+    # not need it. pyspark's gateway JVM exits when its stdin closes.
+    from pyspark import SparkContext
+
+    gateway: Any = SparkContext._gateway
+    if gateway is not None:
+        gateway.shutdown()
+        gateway.proc.stdin.close()
+        gateway.proc.wait(timeout=60)
+        SparkContext._gateway = SparkContext._jvm = None
 
 
 @pytest.fixture(scope="module")
