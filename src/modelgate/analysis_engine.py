@@ -20,7 +20,7 @@ from typing import Any
 import duckdb
 
 from modelgate.analysis_load import FEEDBACK_COLUMNS, load_tables
-from modelgate.analysis_sql import binary_metrics_query, experiment_query, quote
+from modelgate.analysis_sql import experiment_query, quote
 from modelgate.stats import UnitStats
 
 __all__ = ["AnalysisEngine", "AnalysisError", "ExperimentUnits", "experiment_units"]
@@ -210,7 +210,9 @@ class AnalysisEngine:
         metric without a declared kind is then analysed as a proportion (modelgate.results
         decides the same from the live moments)."""
         cursor = self.connection.execute(
-            binary_metrics_query(), {"experiment": self._id("experiment", experiment)}
+            "SELECT metric, bool_and(value = 0 OR value = 1) FROM feedback "
+            "WHERE experiment = $experiment GROUP BY metric",
+            {"experiment": self._id("experiment", experiment)},
         )
         return {str(self._name("metric", m)): bool(b) for m, b in cursor.fetchall()}
 

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 from modelgate.analysis_engine import AnalysisError, ExperimentUnits, experiment_units
 from modelgate.analysis_load import write_parquet
-from modelgate.analysis_sql import binary_metrics_query, experiment_query, quote
+from modelgate.analysis_sql import experiment_query, quote
 
 __all__ = ["SparkAnalysisEngine", "SparkUnavailable", "local_session", "roll_up_of"]
 
@@ -248,8 +248,12 @@ class SparkAnalysisEngine:
         return experiment_units(experiment, self.designs.get(experiment, {}), rows)
 
     def binary_metrics(self, experiment: str) -> dict[str, bool]:
-        """Per metric: True when every value is 0 or 1 (as AnalysisEngine.binary_metrics)."""
-        rows = self._sql(binary_metrics_query(quote(experiment)))
+        """Per metric: True when every value is 0 or 1, as AnalysisEngine.binary_metrics
+        says (the test holds them equal)."""
+        rows = self._sql(
+            "SELECT metric, bool_and(value = 0 OR value = 1) AS zero_one FROM feedback "
+            f"WHERE experiment = {quote(experiment)} GROUP BY metric"
+        )
         return {str(row["metric"]): bool(row["zero_one"]) for row in rows}
 
     def close(self) -> None:

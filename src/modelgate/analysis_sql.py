@@ -24,14 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = [
-    "DIALECTS",
-    "PARAMETER",
-    "binary_metrics_query",
-    "experiment_query",
-    "for_dialect",
-    "quote",
-]
+__all__ = ["DIALECTS", "PARAMETER", "experiment_query", "for_dialect", "quote"]
 
 DIALECTS = ("bigquery", "snowflake", "clickhouse", "spark", "trino")
 PARAMETER = "$experiment"  # DuckDB's named parameter; a literal in printed queries
@@ -154,15 +147,6 @@ def experiment_query(
         )
         sql += _RATIO.format(moments=_MOMENTS, pairs=pairs)
     return sql + _EXCLUDED.format(by_request=by_request)
-
-
-def binary_metrics_query(experiment: str = PARAMETER) -> str:
-    """Per metric of the experiment's feedback, whether every value is 0 or 1 (a metric
-    without a declared kind is then a proportion); one text for every engine."""
-    return (
-        "SELECT metric, bool_and(value = 0 OR value = 1) AS zero_one FROM feedback "
-        f"WHERE experiment = {experiment} GROUP BY metric"
-    )
 
 
 def for_dialect(dialect: str, experiment: str, ratios: Sequence[tuple[str, str]] = ()) -> str:
