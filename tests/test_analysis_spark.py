@@ -14,13 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from modelgate.analysis_engine import AnalysisEngine, AnalysisError, ExperimentUnits
 from modelgate.analysis_load import write_parquet
 from modelgate.analysis_spark import SparkAnalysisEngine, local_session, roll_up_of
+from modelgate.analysis_system import system_units
 from modelgate.analyze import results_from_logs
 from modelgate.cli import main
+from modelgate.exposure import EXPOSURE_DTYPE, FLAG_MEASURED
 from modelgate.record_synth import Synthetic, write_synthetic
 from modelgate.stats import UnitStats
 from modelgate.unit_results import ratio_pairs, unit_results
@@ -66,7 +69,19 @@ def spark() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic(tmp_path_factory.mktemp("logs"), SPEC)
+    """The synthetic records, with the gateway's own measurements added: a status (2% 5xx)
+    and a heavy-tailed latency per answer, 3% of requests unmeasured (the client left)."""
+    out = write_synthetic(tmp_path_factory.mktemp("logs"), SPEC)
+    rng = np.random.default_rng(7)
+    for path in sorted(out.glob("exposure-*.bin")):
+        records = np.fromfile(path, dtype=EXPOSURE_DTYPE)
+        n = len(records)
+        records["status"] = np.where(rng.random(n) < 0.02, 503, 200)
+        records["latency_us"] = np.minimum(rng.lognormal(10.0, 0.6, n), 2**32 - 1)
+        measured = rng.random(n) >= 0.03
+        records["flags"] = records["flags"] | np.where(measured, FLAG_MEASURED, 0)
+        records.tofile(path)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -133,20 +148,27 @@ def test_spark_equals_duckdb_on_the_same_parquet_files(spark: Any, rolled: Path)
     assert sum(n for _, n in duck.excluded.values()) > 0 and sum(duck.ambiguous.values()) > 0
     assert sum(duck.switched.values()) > 0 and ("clicks", "views") in duck.metrics
     binary = engine.binary_metrics("ranker")
-    assert (
-        binary
-        == duck_engine.binary_metrics("ranker")
-        == {
-            "clicks": True,
-            "revenue": False,
-            "views": False,
-        }
-    )
-    expected = unit_results(DESIGN, duck, binary)
-    got = unit_results(DESIGN, ours, binary)
+    assert binary == duck_engine.binary_metrics("ranker")
+    assert binary == {"clicks": True, "revenue": False, "views": False}
+    # The gateway's own metrics (error rate, latency, its quantiles) through the same SQL.
+    duck_system = system_units(duck_engine, "ranker", duck.variants)
+    system = system_units(engine, "ranker", ours.variants)
+    for variant in duck.variants:
+        _close(_moments(duck_system.errors[variant]), _moments(system.errors[variant]), "err")
+        _close(_moments(duck_system.latency[variant]), _moments(system.latency[variant]), "ms")
+        mine, theirs = system.latencies[variant], duck_system.latencies[variant]
+        order, reference = np.lexsort((mine.ms, mine.units)), np.lexsort((theirs.ms, theirs.units))
+        assert np.array_equal(mine.units[order], theirs.units[reference])
+        assert np.array_equal(mine.ms[order], theirs.ms[reference])
+    assert system.step_units == duck_system.step_units
+    assert system.step_requests == duck_system.step_requests
+    assert duck_system.errors["control"].mean_x > 0  # the data have errors to count
+    expected = unit_results(DESIGN, duck, binary, duck_system)
+    got = unit_results(DESIGN, ours, binary, system)
     _close(expected, got, "results")
     methods = {c["metric"]: c["method"] for c in got["comparisons"]}
     assert methods == {"clicks": "ratio", "revenue": "cuped", "views": "mean"}
+    assert len(got["guardrails"]["comparisons"]) == 5  # error rate, mean latency, 3 quantiles
     engine.close()  # the caller's session stays
     assert spark.sql("SELECT 1").collect()[0][0] == 1
     duck_engine.close()

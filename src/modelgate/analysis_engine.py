@@ -110,6 +110,12 @@ class AnalysisEngine:
         """What the tables hold for a name (a query's parameter): its id, or the name."""
         return self._id(column, name)
 
+    def fetch_columns(self, sql: str, parameters: dict[str, Any]) -> dict[str, Any]:
+        """A query's result as numpy columns (modelgate.analysis_system's queries, which the
+        Spark engine runs too)."""
+        columns: dict[str, Any] = self.connection.execute(sql, parameters).fetchnumpy()
+        return columns
+
     def _id(self, column: str, name: str) -> str | int:
         """What the tables hold for a name: its id (-1, matching nothing, when unknown)."""
         table = self.names.get(column)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -24,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+import numpy as np
 
 from modelgate.analysis_engine import AnalysisError, ExperimentUnits, experiment_units
 from modelgate.analysis_load import write_parquet
@@ -150,8 +153,9 @@ def roll_up_of(path: str, out: str | os.PathLike[str] | None = None) -> tuple[st
 
 
 class SparkAnalysisEngine:
-    """AnalysisEngine's face (experiments, query, binary_metrics, designs, source, close)
-    over a Parquet roll-up read by Spark. One query per experiment, as over DuckDB."""
+    """AnalysisEngine's face (experiments, query, binary_metrics, fetch_columns, id_of,
+    designs, source, close) over a Parquet roll-up read by Spark. One query per experiment,
+    as over DuckDB, and the gateway's own metrics (modelgate.analysis_system) too."""
 
     def __init__(
         self,
@@ -220,14 +224,41 @@ class SparkAnalysisEngine:
                 ) from exc
             return self.session.createDataFrame([], schema=_EMPTY_FEEDBACK)
 
-    def _sql(self, duckdb_sql: str) -> list[dict[str, Any]]:
-        """Runs DuckDB-dialect text on Spark: translated by sqlglot, over this engine's
-        tables (registered again each time, so engines can share one session)."""
+    def _frame(self, duckdb_sql: str, parameters: dict[str, Any] | None = None) -> Any:
+        """DuckDB-dialect text as a Spark DataFrame: `$name` parameters made literals, then
+        translated by sqlglot, over this engine's tables (registered again each time, so
+        engines can share one session)."""
         sqlglot = _sqlglot()
-        text = sqlglot.transpile(duckdb_sql, read="duckdb", write="spark")[0]
+        values = parameters or {}
+
+        def literal(match: re.Match[str]) -> str:
+            value = values[match.group(1)]
+            return quote(value) if isinstance(value, str) else str(int(value))
+
+        text = sqlglot.transpile(
+            re.sub(r"\$(\w+)", literal, duckdb_sql), read="duckdb", write="spark"
+        )[0]
         for name, frame in self._tables.items():
             frame.createOrReplaceTempView(name)
-        return [row.asDict() for row in self.session.sql(text).collect()]
+        return self.session.sql(text)
+
+    def _sql(self, duckdb_sql: str) -> list[dict[str, Any]]:
+        return [row.asDict() for row in self._frame(duckdb_sql).collect()]
+
+    def id_of(self, column: str, name: str) -> str:
+        """What the tables hold for a name: the name (Parquet keeps names, not ids)."""
+        return name
+
+    def fetch_columns(self, sql: str, parameters: dict[str, Any]) -> dict[str, Any]:
+        """A DuckDB-dialect query's result as numpy columns, as AnalysisEngine.fetch_columns
+        (modelgate.analysis_system's queries): through Arrow where pyspark has it (4.0+),
+        since the per-request latencies are a row per request."""
+        frame = self._frame(sql, parameters)
+        if hasattr(frame, "toArrow"):
+            table = frame.toArrow()
+            return {name: table.column(name).to_numpy() for name in table.column_names}
+        rows = frame.collect()
+        return {name: np.array([row[name] for row in rows]) for name in frame.columns}
 
     def experiments(self) -> list[str]:
         """The experiments with a design or with exposure records, sorted."""

@@ -17,48 +17,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
-import numpy.typing as npt
-
-from modelgate.exposure import FLAG_ENROLLED, FLAG_MEASURED
+from modelgate.analysis_system import Latencies, system_units
 
 if TYPE_CHECKING:
     from modelgate.analysis_engine import AnalysisEngine
     from modelgate.canary_judge import ExperimentView
     from modelgate.stats import UnitStats
 
-__all__ = ["REFRESH_S", "Evidence", "EvidenceSource", "RecordEvidence"]
+__all__ = ["REFRESH_S", "Evidence", "EvidenceSource", "Latencies", "RecordEvidence"]
 
 REFRESH_S = 1.0  # the records are flushed once a second: reading more often shows nothing new
-
-# Per unit and variant of one experiment since the canary began: its measured requests,
-# errors (5xx or no answer) and latency, and what of it came since the step began.
-_UNITS_SQL = f"""
-SELECT variant, unit_hash,
-  count(*) FILTER (WHERE ts_ns >= $step) AS step_exposures,
-  count(*) FILTER (WHERE (flags & {FLAG_MEASURED}) <> 0 AND ts_ns >= $step) AS step_measured,
-  count(*) FILTER (WHERE (flags & {FLAG_MEASURED}) <> 0) AS measured,
-  count(*) FILTER (WHERE (flags & {FLAG_MEASURED}) <> 0 AND (status >= 500 OR status = 0))
-    AS errors,
-  coalesce(sum(latency_us) FILTER (WHERE (flags & {FLAG_MEASURED}) <> 0), 0)::DOUBLE
-    AS latency_us
-FROM exposures
-WHERE experiment = $experiment AND (flags & {FLAG_ENROLLED}) <> 0 AND ts_ns >= $since
-GROUP BY variant, unit_hash
-"""
-_LATENCY_SQL = f"""
-SELECT variant, unit_hash, latency_us FROM exposures
-WHERE experiment = $experiment AND ts_ns >= $since
-  AND (flags & {FLAG_ENROLLED | FLAG_MEASURED}) = {FLAG_ENROLLED | FLAG_MEASURED}
-"""
-
-
-@dataclass(frozen=True)
-class Latencies:
-    """One arm's measured requests: latency in ms and the unit of each (the clusters)."""
-
-    ms: npt.NDArray[np.float64]
-    units: npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
@@ -123,14 +91,9 @@ class RecordEvidence:
 
         engine, as_of = self._current()
         with self._lock:  # a DuckDB connection runs one query at a time
-            parameters = {
-                "experiment": engine.id_of("experiment", view.name),
-                "since": int(since * 1e9),
-                "step": int(step * 1e9),
-            }
-            units = engine.connection.execute(_UNITS_SQL, parameters).fetchnumpy()
-            del parameters["step"]
-            per_request = engine.connection.execute(_LATENCY_SQL, parameters).fetchnumpy()
+            system = system_units(
+                engine, view.name, view.variants, int(since * 1e9), int(step * 1e9)
+            )
             feedback: dict[str, dict[str, UnitStats]] = {}
             if metrics:
                 try:
@@ -140,24 +103,15 @@ class RecordEvidence:
                 for metric in metrics:
                     stats = found.metrics.get((metric, "values")) if found else None
                     feedback[metric] = dict(stats) if stats else {}
-        names = {variant: engine.id_of("variant", variant) for variant in view.variants}
-        errors, latency, latencies = {}, {}, {}
-        step_units, step_requests = {}, {}
-        for variant, key in names.items():
-            mine = units["variant"] == key
-            measured = units["measured"][mine].astype(np.float64)
-            seen = measured > 0
-            errors[variant] = _stats(units["errors"][mine][seen], measured[seen])
-            latency[variant] = _stats(units["latency_us"][mine][seen] / 1000.0, measured[seen])
-            step_units[variant] = int((units["step_exposures"][mine] > 0).sum())
-            step_requests[variant] = int(units["step_measured"][mine].sum())
-            rows = per_request["variant"] == key
-            latencies[variant] = Latencies(
-                per_request["latency_us"][rows].astype(np.float64) / 1000.0,
-                per_request["unit_hash"][rows].astype(np.int64),
-            )
         return Evidence(
-            errors, latency, latencies, step_units, step_requests, feedback, as_of, engine.source
+            system.errors,
+            system.latency,
+            system.latencies,
+            system.step_units,
+            system.step_requests,
+            feedback,
+            as_of,
+            engine.source,
         )
 
     def close(self) -> None:
@@ -165,13 +119,6 @@ class RecordEvidence:
             if self._engine is not None:
                 self._engine.close()
                 self._engine = None
-
-
-def _stats(x: npt.ArrayLike, y: npt.ArrayLike) -> UnitStats:
-    from modelgate.stats import UnitStats
-
-    xs = np.asarray(x, dtype=np.float64)
-    return UnitStats.from_samples(xs, np.asarray(y, dtype=np.float64)) if xs.size else UnitStats()
 
 
 def _fresh_engine(log_dir: str) -> AnalysisEngine:
