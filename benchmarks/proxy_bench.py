@@ -217,8 +217,9 @@ def modelgate_canaries_config(
         )
         if judge:
             # The default checks (error rate, p99), and one that identical arms never pass
-            # (p50 no higher at all: its interval straddles 0), so no canary is promoted
-            # and every one judges for the whole bench; it may fail, at its share of alpha.
+            # (p50 no higher at all: its interval straddles 0), so no canary is promoted;
+            # failure_limit so high that a failed look starts a new window instead of a
+            # rollback: every canary judges for the whole bench.
             routes.append(
                 """      canary:
         baseline: a
@@ -228,6 +229,7 @@ def modelgate_canaries_config(
         interval_s: 1
         min_samples: 20
         max_wait_s: 86400
+        failure_limit: 1000000
         checks:
           - {metric: error_rate, max_increase: 0.01}
           - {metric: latency_p99_ms, max_ratio: 1.5}
@@ -397,7 +399,8 @@ def rss_kib(pids: Sequence[int]) -> int:
 
 
 def thread_cpu_seconds(pids: Sequence[int]) -> dict[str, float]:
-    """CPU time per thread name (comm) over the processes' threads, from /proc."""
+    """CPU time of the processes' main threads ("main", the event loop's) and of their
+    other threads ("threads": the record writers, the canaries' judging), from /proc."""
     found: dict[str, float] = {}
     for pid in pids:
         try:
@@ -406,7 +409,7 @@ def thread_cpu_seconds(pids: Sequence[int]) -> dict[str, float]:
             continue
         for tid in tids:
             try:
-                comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+                comm = "main" if tid == str(pid) else "threads"
                 fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rpartition(")")[2]
             except OSError:
                 continue
