@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from modelgate.canary_judge import ExperimentView
     from modelgate.stats import UnitStats
 
-__all__ = ["REFRESH_S", "Evidence", "EvidenceSource", "Latencies", "RecordEvidence"]
+__all__ = ["REFRESH_S", "Evidence", "EvidenceSource", "Latencies", "RecordEvidence", "warm_up"]
 
 REFRESH_S = 1.0  # the records are flushed once a second: reading more often shows nothing new
 
@@ -118,6 +118,19 @@ class RecordEvidence:
             if self._engine is not None:
                 self._engine.close()
                 self._engine = None
+
+
+def warm_up() -> None:
+    """Imports what the first look needs: the engine (DuckDB) and pandas, which pyarrow
+    imports the first time it converts an array (~0.4 s). Called at start-up; else the first
+    judgement imports them in its thread, holding the GIL and the import lock for most of
+    that time while the loop serves requests (the proxy bench's max latency showed it)."""
+    import numpy as np
+    import pyarrow as pa
+
+    import modelgate.analysis_engine  # noqa: F401
+
+    pa.array(np.zeros(1, np.int64))
 
 
 def _fresh_engine(log_dir: str) -> AnalysisEngine:
