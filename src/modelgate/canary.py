@@ -91,10 +91,12 @@ def _judge(
     return evidence, unit_srm_guard(view, spec, evidence, srm_p), judge_evidence(spec, evidence)
 
 
-# The judging thread's nice value: on a core the proxy shares with it, the kernel runs the
-# event loop first and the judging in the time the loop leaves (Linux nices threads one by
-# one; elsewhere the thread keeps the process's priority).
-JUDGE_NICE = 19
+# The judging thread's nice value: on a core the proxy shares with it, the kernel gives the
+# event loop most of the time and the judging the rest (Linux nices threads one by one;
+# elsewhere the thread keeps the process's priority). 10, not 19: against a saturated loop
+# CFS gives a nice-10 thread about a tenth of the core (weights 110 and 1024), where nice 19
+# (weight 15) starved the judging of a busy gateway until its canaries ended inconclusive.
+JUDGE_NICE = 10
 _judges: concurrent.futures.ThreadPoolExecutor | None = None
 _judges_lock = threading.Lock()
 
