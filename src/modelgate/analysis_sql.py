@@ -24,7 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["DIALECTS", "PARAMETER", "experiment_query", "for_dialect", "quote"]
+__all__ = [
+    "DIALECTS",
+    "PARAMETER",
+    "SINCE",
+    "experiment_query",
+    "for_dialect",
+    "quote",
+]
 
 DIALECTS = ("bigquery", "snowflake", "clickhouse", "spark", "trino")
 PARAMETER = "$experiment"  # DuckDB's named parameter; a literal in printed queries
@@ -37,11 +44,12 @@ _MOMENTS = """count(*) AS units,
 # Subqueries, not CTEs: a CTE read twice is materialized (DuckDB), which costs more than
 # scanning the Arrow columns again.
 _EXPOSED = """(SELECT unit_hash, variant, ts_ns, rid_hi, rid_lo FROM exposures
-    WHERE experiment = {experiment} AND (flags & 1) = 1)"""
+    WHERE experiment = {experiment} AND (flags & 1) = 1{since})"""
 _CLAIMS = """(SELECT unit_hash, variant, rid_hi, rid_lo, flags FROM exposures
-    WHERE experiment = {experiment})"""
+    WHERE experiment = {experiment}{since})"""
 _FEEDBACK = """(SELECT metric, unit_hash, rid_hi, rid_lo, value FROM feedback
-    WHERE experiment = {experiment} AND (flags & 2) = {by_request})"""
+    WHERE experiment = {experiment} AND (flags & 2) = {by_request}{since})"""
+SINCE = "$since"  # DuckDB's named parameter of the optional lower bound on ts_ns
 
 _HEAD = """WITH units AS (  -- enrolled units; a unit's variant is its first enrolled exposure's
   SELECT unit_hash, arg_min(variant, ts_ns) AS variant, count(*) AS exposures,
@@ -128,16 +136,21 @@ def quote(name: str | int) -> str:
 
 
 def experiment_query(
-    ratios: Sequence[tuple[str | int, str | int]] = (), experiment: str = PARAMETER
+    ratios: Sequence[tuple[str | int, str | int]] = (),
+    experiment: str = PARAMETER,
+    since: str | None = None,
 ) -> str:
     """The query for one experiment; `ratios` adds (metric, denominator metric) pairs beside
     the per-exposure and per-value rows every metric gets. `experiment`: the parameter, or
-    a quoted literal for a query printed for another engine."""
-    by_request = _FEEDBACK.format(experiment=experiment, by_request=2)
+    a quoted literal for a query printed for another engine. `since` (SINCE, or a literal):
+    only records with `ts_ns >= since`, exposures and feedback alike (a canary judges the
+    traffic since it started; feedback by request id of an earlier exposure is excluded)."""
+    bound = f" AND ts_ns >= {since}" if since is not None else ""
+    by_request = _FEEDBACK.format(experiment=experiment, by_request=2, since=bound)
     sql = _HEAD.format(
-        exposed=_EXPOSED.format(experiment=experiment),
-        claims=_CLAIMS.format(experiment=experiment),
-        by_unit=_FEEDBACK.format(experiment=experiment, by_request=0),
+        exposed=_EXPOSED.format(experiment=experiment, since=bound),
+        claims=_CLAIMS.format(experiment=experiment, since=bound),
+        by_unit=_FEEDBACK.format(experiment=experiment, by_request=0, since=bound),
         by_request=by_request,
     )
     if ratios:
