@@ -94,8 +94,10 @@ class AnalysisEngine:
         designs: dict[str, dict[str, Any]],
         source: str,
         names: dict[str, list[str]] | None = None,
+        partial: bool = False,
     ) -> None:
         self.connection = connection
+        self.partial = partial  # over partial aggregates (experiment_query's `partial`)
         self.designs = designs
         self.source = source
         self.names = names or {}  # column -> names by id, where the tables hold ids
@@ -166,6 +168,24 @@ class AnalysisEngine:
         return cls(connection, designs, source, names)
 
     @classmethod
+    def from_partials(
+        cls,
+        tables: dict[str, pa.Table],
+        names: dict[str, list[str]],
+        designs: dict[str, dict[str, Any]],
+        source: str,
+        threads: int | None = None,
+        memory_limit: str | None = None,
+    ) -> AnalysisEngine:
+        """Over the partial aggregates that modelgate.analysis_live keeps (`exposure_units`,
+        `feedback_units`), the exposures' claims (`exposures`) and `feedback_by_request`,
+        name columns as ids into `names`; read in place."""
+        connection = cls._connect(threads, memory_limit)
+        for name, table in tables.items():
+            connection.register(name, table)
+        return cls(connection, designs, source, names, partial=True)
+
+    @classmethod
     def from_parquet(
         cls,
         path: str | os.PathLike[str],
@@ -218,7 +238,11 @@ class AnalysisEngine:
         parameter: dict[str, Any] = {"experiment": self._id("experiment", experiment)}
         if since_ns is not None:
             parameter["since"] = since_ns
-        sql = experiment_query(pairs, since=None if since_ns is None else SINCE)
+        if since_ns is not None and self.partial:
+            raise AnalysisError("this engine's records are bounded in time when read")
+        sql = experiment_query(
+            pairs, since=None if since_ns is None else SINCE, partial=self.partial
+        )
         cursor = self.connection.execute(sql, parameter)
         columns = [d[0] for d in cursor.description or ()]
         rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
@@ -258,9 +282,18 @@ class AnalysisEngine:
         parameter: dict[str, Any] = {"experiment": self._id("experiment", experiment)}
         bound = ""
         if since_ns is not None:
+            if self.partial:
+                raise AnalysisError("this engine's records are bounded in time when read")
             parameter["since"], bound = since_ns, f" AND ts_ns >= {SINCE}"
+        source, test = "feedback", "bool_and(value = 0 OR value = 1)"
+        if self.partial:  # each partial says whether its values were all 0 or 1
+            source = (
+                "(SELECT experiment, metric, zero_one FROM feedback_units UNION ALL "
+                "SELECT experiment, metric, value = 0 OR value = 1 FROM feedback_by_request) AS f"
+            )
+            test = "bool_and(zero_one)"
         cursor = self.connection.execute(
-            "SELECT metric, bool_and(value = 0 OR value = 1) FROM feedback "
+            f"SELECT metric, {test} FROM {source} "
             f"WHERE experiment = $experiment{bound} GROUP BY metric",
             parameter,
         )

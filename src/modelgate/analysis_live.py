@@ -22,22 +22,25 @@ dropped once their columns are taken.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 
-from modelgate.analysis_engine import ENGINE_FEEDBACK_COLUMNS, AnalysisEngine, ExperimentUnits
-from modelgate.analysis_load import EXPOSURE_COLUMNS, NameIds, file_columns
+from modelgate.analysis_engine import AnalysisEngine, ExperimentUnits
+from modelgate.analysis_load import NameIds, file_columns
 from modelgate.exposure import EXPOSURE_DTYPE, EXPOSURE_NAMES
 from modelgate.feedbacklog import FEEDBACK_DTYPE, FEEDBACK_NAMES, FLAG_BY_REQUEST_ID
 from modelgate.recordfiles import LEGACY_LAYOUTS, read_record_range
@@ -46,36 +49,66 @@ __all__ = ["LiveEngine", "Refresh", "close_live_engines", "live_engine"]
 
 log = logging.getLogger("modelgate.analysis")
 
-_BY_UNIT = tuple(c for c in ENGINE_FEEDBACK_COLUMNS if not c.startswith("rid_"))
-_BY_REQUEST = tuple(c for c in ENGINE_FEEDBACK_COLUMNS if c != "unit_hash")
-# table -> (file prefix, columns); the feedback files fill two tables
-_TABLES = {
-    "exposures": ("exposure", EXPOSURE_COLUMNS),
-    "feedback_by_unit": ("feedback", _BY_UNIT),
-    "feedback_by_request": ("feedback", _BY_REQUEST),
+# What is kept of each chunk (one read of a file), as Arrow tables of these schemas. Name
+# columns hold ids (uint16) into the engine's names, hashes and id halves int64.
+_SCHEMAS = {
+    "exposures": pa.schema(  # every exposure: which (unit, variant) claims a request id
+        [
+            ("experiment", pa.uint16()),
+            ("variant", pa.uint16()),
+            ("unit_hash", pa.int64()),
+            ("rid_hi", pa.int64()),
+            ("rid_lo", pa.int64()),
+            ("flags", pa.uint8()),
+        ]
+    ),
+    "exposure_units": pa.schema(  # per (experiment, unit), over the enrolled exposures
+        [
+            ("experiment", pa.uint16()),
+            ("unit_hash", pa.int64()),
+            ("variant", pa.uint16()),  # of the first exposure
+            ("ts_ns", pa.int64()),  # the first exposure's
+            ("exposures", pa.int64()),
+            ("low", pa.uint16()),
+            ("high", pa.uint16()),
+        ]
+    ),
+    "feedback_units": pa.schema(  # per (experiment, metric, unit), feedback by unit
+        [
+            ("experiment", pa.uint16()),
+            ("metric", pa.uint16()),
+            ("unit_hash", pa.int64()),
+            ("value", pa.float64()),  # the sum
+            ("n", pa.int64()),
+            ("zero_one", pa.bool_()),  # every value 0 or 1
+        ]
+    ),
+    "feedback_by_request": pa.schema(
+        [
+            ("experiment", pa.uint16()),
+            ("metric", pa.uint16()),
+            ("rid_hi", pa.int64()),
+            ("rid_lo", pa.int64()),
+            ("value", pa.float64()),
+        ]
+    ),
 }
-_ID_COLUMNS = {"experiment", "variant", "metric"}
-
-
-def _arrow_type(column: str, dtype: np.dtype[Any]) -> pa.DataType:
-    """The Arrow type file_columns gives `column` (for a table with no chunk yet)."""
-    if column in _ID_COLUMNS:
-        return pa.uint16()
-    if column in ("ts_ns", "unit_hash", "rid_hi", "rid_lo"):
-        return pa.int64()
-    return pa.from_numpy_dtype(dtype[column])
-
-
-_TYPES = {
-    table: {c: _arrow_type(c, EXPOSURE_DTYPE if p == "exposure" else FEEDBACK_DTYPE) for c in cs}
-    for table, (p, cs) in _TABLES.items()
-}
+_EXPOSURE_READ = ("experiment", "variant", "ts_ns", "unit_hash", "rid_hi", "rid_lo", "flags")
+_BY_UNIT_READ = ("experiment", "metric", "unit_hash", "value")
+_UNITS_SQL = """SELECT experiment, unit_hash, arg_min(variant, ts_ns) AS variant,
+  min(ts_ns) AS ts_ns, count(*)::BIGINT AS exposures, min(variant) AS low, max(variant) AS high
+FROM chunk WHERE (flags & 1) = 1 GROUP BY experiment, unit_hash"""
+_VALUES_SQL = """SELECT experiment, metric, unit_hash, sum(value) AS value, count(*)::BIGINT AS n,
+  bool_and(value = 0 OR value = 1) AS zero_one
+FROM chunk GROUP BY experiment, metric, unit_hash"""
+_BOUNDED_KEPT = 8  # time-bounded engines kept (one per running canary)
+_MTIME_SLACK_NS = 2 * 10**9
 
 
 @dataclass
 class _Segment:
-    """One record file: its identity when last read, and the columns read from it so far
-    (one Arrow array per read: the first read, then each new tail)."""
+    """One record file: its identity when last read, and what was kept of it so far, per
+    table one Arrow table per read (the first read, then each new tail)."""
 
     key: tuple[int, int]  # st_dev, st_ino
     size: int
@@ -83,7 +116,7 @@ class _Segment:
     sidecar: tuple[int, int, int] | None  # its sidecar's st_ino, st_size, st_mtime_ns
     end: int = 0  # whole records read: the next read starts here
     designs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    columns: dict[str, dict[str, list[pa.Array]]] = field(default_factory=dict)
+    chunks: dict[str, list[pa.Table]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -97,6 +130,15 @@ class Refresh:
     dropped: int  # files gone since the last refresh
     records: int  # records read
     seconds: float
+
+
+def _trim() -> None:
+    """Hands the freed heap back to the system (glibc keeps what the files' reads freed,
+    ~100 MB after a full load of 20 million records); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _stat(path: Path) -> os.stat_result | None:
@@ -128,10 +170,14 @@ class LiveEngine:
         log_dir: str | os.PathLike[str],
         threads: int | None = 1,
         memory_limit: str | None = None,
+        since_ns: int | None = None,
     ) -> None:
         self.log_dir = Path(log_dir)
         self.threads = threads
         self.memory_limit = memory_limit
+        self.since_ns = since_ns  # records with an earlier ts_ns are dropped when read
+        self._bounded: OrderedDict[int, LiveEngine] = OrderedDict()
+        self._scratch: duckdb.DuckDBPyConnection | None = None  # aggregates each chunk
         self._segments: dict[str, dict[str, _Segment]] = {"exposure": {}, "feedback": {}}
         self._names: dict[str, NameIds] = {}  # sidecar table -> global ids
         self._lock = threading.Lock()
@@ -183,8 +229,13 @@ class LiveEngine:
                     records += new
             dropped += len(known.keys() - current.keys())
             self._segments[prefix] = current
-            files += sum(1 for s in current.values() if s.columns)
+            files += sum(1 for s in current.values() if s.chunks)
         self._tables = self._assemble()
+        if self._scratch is not None:  # its buffers go back (DuckDB keeps them for reuse)
+            self._scratch.close()
+            self._scratch = None
+        if read:
+            _trim()
         self._designs = {}
         for segment in self._segments["exposure"].values():  # name order: the newest wins
             self._designs.update(segment.designs)
@@ -221,63 +272,105 @@ class LiveEngine:
             return segment, None
         if segment is None or segment.key != key or st.st_size < segment.size:
             segment = _Segment(key, st.st_size, st.st_mtime_ns, side)  # new, replaced, cut
+        if self.since_ns is not None and st.st_mtime_ns < self.since_ns - _MTIME_SLACK_NS:
+            # Written before the bound: every record's ts_ns is older than its last write
+            # (file times come from a coarse clock that may lag time.time_ns() by a tick).
+            segment.size, segment.mtime_ns, segment.sidecar = st.st_size, st.st_mtime_ns, side
+            return segment, None
         got = read_record_range(path, dtype, names, LEGACY_LAYOUTS.get(prefix, ()), segment.end)
         segment.size, segment.mtime_ns, segment.sidecar = st.st_size, st.st_mtime_ns, side
         if got is None:
             return segment, 0  # no sidecar yet, or unreadable: tried again when it changes
         data, sidecar, segment.end = got.data, got.sidecar, got.end
+        read = len(data)
+        if self.since_ns is not None:
+            data = data[data["ts_ns"].view(np.int64) >= self.since_ns]
         if prefix == "exposure":
             segment.designs = _designs(sidecar)
-            parts = {"exposures": data}
+            columns = file_columns(data, sidecar, names, _EXPOSURE_READ, self._names)
+            del data
+            self._keep(segment, "exposures", columns)
+            self._keep(segment, "exposure_units", self._aggregate(columns, _UNITS_SQL))
         else:
             asked = (data["flags"] & FLAG_BY_REQUEST_ID) != 0
-            parts = {"feedback_by_unit": data[~asked], "feedback_by_request": data[asked]}
-        for table, records in parts.items():
-            wanted = _TABLES[table][1]
-            columns = file_columns(records, sidecar, names, wanted, self._names)
-            held = segment.columns.setdefault(table, {c: [] for c in wanted})
-            for column, array in columns.items():
-                if len(array):
-                    held[column].append(pa.array(array))
-        return segment, len(data)
+            by_request = _SCHEMAS["feedback_by_request"].names
+            self._keep(
+                segment,
+                "feedback_by_request",
+                file_columns(data[asked], sidecar, names, by_request, self._names),
+            )
+            by_unit = file_columns(data[~asked], sidecar, names, _BY_UNIT_READ, self._names)
+            del data
+            self._keep(segment, "feedback_units", self._aggregate(by_unit, _VALUES_SQL))
+        return segment, read
+
+    def _aggregate(self, columns: dict[str, np.ndarray], sql: str) -> pa.Table:
+        """A chunk's partial aggregates (DuckDB, on this engine's scratch connection)."""
+        if self._scratch is None:
+            self._scratch = duckdb.connect(
+                ":memory:", config={"threads": 1, "preserve_insertion_order": False}
+            )
+        chunk = pa.table({name: pa.array(array) for name, array in columns.items()})
+        self._scratch.register("chunk", chunk)
+        try:
+            return self._scratch.sql(sql).to_arrow_table()
+        finally:
+            self._scratch.unregister("chunk")
+
+    @staticmethod
+    def _keep(segment: _Segment, table: str, columns: dict[str, np.ndarray] | pa.Table) -> None:
+        schema = _SCHEMAS[table]
+        if isinstance(columns, pa.Table):
+            found = columns.select(schema.names).cast(schema)
+        else:
+            found = pa.table([pa.array(columns[n]) for n in schema.names], schema=schema)
+        if found.num_rows:
+            segment.chunks.setdefault(table, []).append(found)
 
     def _assemble(self) -> dict[str, pa.Table]:
-        """The tables over every segment's arrays, in file name order as from_logs reads
-        them (no copy: chunked arrays share the segments' buffers)."""
+        """The tables over every segment's chunks, in file name order (no copy: the
+        tables share the chunks' buffers)."""
         out = {}
-        for table, (prefix, columns) in _TABLES.items():
-            segments = self._segments[prefix].values()
-            arrays = [
-                pa.chunked_array(
-                    [a for s in segments for a in s.columns.get(table, {}).get(column, [])],
-                    type=_TYPES[table][column],
-                )
-                for column in columns
-            ]
-            out[table] = pa.table(arrays, names=list(columns))
+        for table, schema in _SCHEMAS.items():
+            prefix = "exposure" if table.startswith("exposure") else "feedback"
+            chunks = [c for s in self._segments[prefix].values() for c in s.chunks.get(table, [])]
+            out[table] = pa.concat_tables(chunks) if chunks else schema.empty_table()
         return out
 
     # --- querying -------------------------------------------------------------------------
 
     def _engine(self) -> AnalysisEngine:
         names = {table.removesuffix("s"): list(ids.names) for table, ids in self._names.items()}
-        files = sum(1 for p in self._segments.values() for s in p.values() if s.columns)
-        return AnalysisEngine.from_tables(
-            self._tables["exposures"],
-            self._tables["feedback_by_unit"],
-            self._tables["feedback_by_request"],
+        files = sum(1 for p in self._segments.values() for s in p.values() if s.chunks)
+        bound = "" if self.since_ns is None else f" since ts_ns {self.since_ns}"
+        return AnalysisEngine.from_partials(
+            dict(self._tables),
             names,
             dict(self._designs),
-            f"{files} record files in {self.log_dir}",
+            f"{files} record files in {self.log_dir}{bound}",
             self.threads,
             self.memory_limit,
         )
+
+    def bounded(self, since_ns: int) -> LiveEngine:
+        """The engine of this directory's records with ts_ns >= since_ns (a canary's, since
+        it started): its own LiveEngine, which drops older records when it reads them and
+        skips files last written before since_ns, so it holds only that window. The last
+        few asked for are kept."""
+        with self._lock:
+            engine = self._bounded.pop(since_ns, None)
+            if engine is None:
+                engine = LiveEngine(self.log_dir, self.threads, self.memory_limit, since_ns)
+            self._bounded[since_ns] = engine
+            while len(self._bounded) > _BOUNDED_KEPT:
+                self._bounded.popitem(last=False)[1].close()
+            return engine
 
     @contextmanager
     def snapshot(self, refresh: bool = True) -> Iterator[tuple[AnalysisEngine, Refresh]]:
         """An AnalysisEngine over the records as of a refresh (its own DuckDB connection
         over the same Arrow buffers: later refreshes do not change what it sees), and that
-        refresh. Closed on exit."""
+        refresh. Closed on exit. Its queries take no `since_ns`: use bounded()."""
         done = self.refresh() if refresh else self.last
         with self._lock:
             engine, last = self._engine(), done or self.last
@@ -295,14 +388,22 @@ class LiveEngine:
         since_ns: int | None = None,
     ) -> ExperimentUnits:
         """Refresh, then the experiment's per-unit query (AnalysisEngine.query); `since_ns`
-        bounds it to the records with ts_ns >= since_ns (a canary's, since it started)."""
-        with self.snapshot() as (engine, _):
-            return engine.query(experiment, ratios, since_ns)
+        bounds it to the records with ts_ns >= since_ns (a canary's, since it started),
+        through bounded(since_ns)."""
+        live = self if since_ns is None or since_ns == self.since_ns else self.bounded(since_ns)
+        with live.snapshot() as (engine, _):
+            return engine.query(experiment, ratios)
 
     def close(self) -> None:
         with self._lock:
             self._segments = {"exposure": {}, "feedback": {}}
             self._tables = {}
+            bounded, self._bounded = list(self._bounded.values()), OrderedDict()
+            if self._scratch is not None:
+                self._scratch.close()
+                self._scratch = None
+        for engine in bounded:
+            engine.close()
 
 
 _ENGINES: dict[str, LiveEngine] = {}

@@ -50,10 +50,28 @@ _CLAIMS = """(SELECT unit_hash, variant, rid_hi, rid_lo, flags FROM exposures
 _FEEDBACK = """(SELECT metric, unit_hash, rid_hi, rid_lo, value FROM feedback
     WHERE experiment = {experiment} AND (flags & 2) = {by_request}{since})"""
 SINCE = "$since"  # DuckDB's named parameter of the optional lower bound on ts_ns
+# The same query over partial aggregates (modelgate.analysis_live keeps them per chunk of a
+# record file): per (experiment, unit) the first enrolled exposure's variant and ts_ns, the
+# exposures and the lowest and highest variant; per (experiment, unit, metric) the sum and
+# number of values by unit. The raw rows are the partials of one record each.
+_EXPOSED_PARTIAL = """(SELECT unit_hash, variant, ts_ns, exposures, low, high FROM exposure_units
+    WHERE experiment = {experiment})"""
+_BY_UNIT_PARTIAL = """(SELECT metric, unit_hash, value, n FROM feedback_units
+    WHERE experiment = {experiment})"""
+_BY_REQUEST_TABLE = """(SELECT metric, rid_hi, rid_lo, value FROM feedback_by_request
+    WHERE experiment = {experiment})"""
+_RAW = {"exposure_count": "count(*)", "low": "variant", "high": "variant", "n": "", "one": ""}
+_PARTIAL = {
+    "exposure_count": "sum(exposures)",
+    "low": "low",
+    "high": "high",
+    "n": ", n",
+    "one": ", 1 AS n",
+}
 
 _HEAD = """WITH units AS (  -- enrolled units; a unit's variant is its first enrolled exposure's
-  SELECT unit_hash, arg_min(variant, ts_ns) AS variant, count(*) AS exposures,
-    CASE WHEN min(variant) <> max(variant) THEN 1 ELSE 0 END AS switched
+  SELECT unit_hash, arg_min(variant, ts_ns) AS variant, {exposure_count} AS exposures,
+    CASE WHEN min({low}) <> max({high}) THEN 1 ELSE 0 END AS switched
   FROM {exposed} AS e GROUP BY unit_hash
 ),
 request_units AS (  -- feedback by request id: the unit of the id tail's exposures, which
@@ -67,15 +85,15 @@ request_units AS (  -- feedback by request id: the unit of the id tail's exposur
   HAVING max(flags & 1) = 1 OR min(unit_hash) <> max(unit_hash) OR min(variant) <> max(variant)
 ),
 attributed AS (
-  SELECT metric, unit_hash, value FROM {by_unit} AS f
+  SELECT metric, unit_hash, value{n} FROM {by_unit} AS f
   UNION ALL
-  SELECT f.metric, r.unit_hash, f.value
+  SELECT f.metric, r.unit_hash, f.value{one}
   FROM {by_request} AS f LEFT JOIN request_units AS r
     ON f.rid_hi = r.rid_hi AND f.rid_lo = r.rid_lo
   WHERE coalesce(r.ambiguous, 0) = 0
 ),
 unit_values AS (
-  SELECT unit_hash, metric, sum(value) AS x, count(*) AS n
+  SELECT unit_hash, metric, sum(value) AS x, {value_count} AS n
   FROM attributed GROUP BY unit_hash, metric
 ),
 metrics AS (SELECT DISTINCT metric FROM unit_values),
@@ -139,19 +157,35 @@ def experiment_query(
     ratios: Sequence[tuple[str | int, str | int]] = (),
     experiment: str = PARAMETER,
     since: str | None = None,
+    partial: bool = False,
 ) -> str:
     """The query for one experiment; `ratios` adds (metric, denominator metric) pairs beside
     the per-exposure and per-value rows every metric gets. `experiment`: the parameter, or
     a quoted literal for a query printed for another engine. `since` (SINCE, or a literal):
     only records with `ts_ns >= since`, exposures and feedback alike (a canary judges the
-    traffic since it started; feedback by request id of an earlier exposure is excluded)."""
+    traffic since it started; feedback by request id of an earlier exposure is excluded).
+    `partial`: over the partial aggregates `exposure_units` and `feedback_units`, the
+    exposures' claims (no ts_ns: such tables are bounded when they are read) and
+    `feedback_by_request`, instead of the raw `exposures` and `feedback`."""
+    if partial and since is not None:
+        raise ValueError("partial aggregates are bounded in time when read, not in the query")
     bound = f" AND ts_ns >= {since}" if since is not None else ""
-    by_request = _FEEDBACK.format(experiment=experiment, by_request=2, since=bound)
+    if partial:
+        by_request = _BY_REQUEST_TABLE.format(experiment=experiment)
+        exposed = _EXPOSED_PARTIAL.format(experiment=experiment)
+        by_unit = _BY_UNIT_PARTIAL.format(experiment=experiment)
+        forms = dict(_PARTIAL, value_count="sum(n)")
+    else:
+        by_request = _FEEDBACK.format(experiment=experiment, by_request=2, since=bound)
+        exposed = _EXPOSED.format(experiment=experiment, since=bound)
+        by_unit = _FEEDBACK.format(experiment=experiment, by_request=0, since=bound)
+        forms = dict(_RAW, value_count="count(*)")
     sql = _HEAD.format(
-        exposed=_EXPOSED.format(experiment=experiment, since=bound),
+        exposed=exposed,
         claims=_CLAIMS.format(experiment=experiment, since=bound),
-        by_unit=_FEEDBACK.format(experiment=experiment, by_request=0, since=bound),
+        by_unit=by_unit,
         by_request=by_request,
+        **forms,
     )
     if ratios:
         pairs = " OR ".join(
