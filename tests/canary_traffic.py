@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import random
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -74,10 +75,12 @@ class Traffic:
 def canary_config(
     checks: list[dict[str, Any]] | None = None,
     weights: tuple[float, float] = (100, 0),
+    log_dir: str | None = None,
     **canary: Any,
 ) -> dict[str, Any]:
-    """ab_config (control on model-a, candidate on model-b) with a fast canary."""
-    config = ab_config(weights)
+    """ab_config (control on model-a, candidate on model-b) with a fast canary, its records
+    in a fresh directory (the canary reads them)."""
+    config = ab_config(weights, log_dir=log_dir or tempfile.mkdtemp(prefix="modelgate-canary-"))
     spec: dict[str, Any] = {
         "baseline": "control",
         "candidate": "candidate",

@@ -4,6 +4,7 @@ halts it (SRM); operator actions, reloads and the metrics."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from .support import (
     admin_stack,
     async_test,
     free_port,
+    gateway_stack,
     get_json,
     serve_ready,
     served_config,
@@ -93,22 +95,43 @@ async def test_too_little_traffic_ends_inconclusive_and_is_never_promoted() -> N
 
 
 @async_test
-async def test_a_skewed_override_list_halts_the_rollout() -> None:
-    vips = [f"vip-{i}" for i in range(300)]
-    config = canary_config()
-    config["routes"][0]["experiment"]["overrides"] = {u: "candidate" for u in vips}
-    async with admin_stack(config, MOCKS) as admin:
-        traffic = Traffic([admin.stack.url], vips=vips, vip_share=0.4)
+async def test_a_gateway_out_of_step_with_the_weights_halts_the_rollout() -> None:
+    """A second gateway of the fleet that never got the canary's weights (it serves 40/60)
+    writes records to the same directory: the enrolled units per variant no longer match
+    the weights in force, and the sequential sample-ratio guard pauses the canary."""
+    config = canary_config(max_wait_s=20.0)
+    stale = dict(config, routes=copy.deepcopy(config["routes"]))
+    del stale["routes"][0]["experiment"]["canary"]
+    for variant, weight in zip(stale["routes"][0]["experiment"]["variants"], (40, 60), strict=True):
+        variant["weight"] = weight
+    async with admin_stack(config, MOCKS) as admin, gateway_stack(stale, MOCKS) as other:
+        traffic = Traffic([admin.stack.url, other.url])
         async with aiohttp.ClientSession() as session, traffic.running():
             canary = await wait_state(session, admin.admin_url, "ranker")
             _, status = await get_json(session, admin.admin_url + "/status")
     assert canary["state"] == "paused", canary
     assert weights_of(status) == {"control": 80, "candidate": 20}  # halted where it was
     srm = canary["history"][-1]["evidence"]["srm"]
-    assert srm["mismatch"] is True and srm["p_value"] < 0.001
+    assert srm["unit"] == "units" and srm["mismatch"] is True and srm["p_value"] < 0.001
     counts = srm["counts"]
-    assert counts["candidate"] / (counts["control"] + counts["candidate"]) > 0.4
+    assert counts["candidate"] / (counts["control"] + counts["candidate"]) > 0.3
     assert canary["history"][-1]["reason"].startswith("sample ratio mismatch")
+
+
+@async_test
+async def test_overrides_and_heavy_users_do_not_trip_the_sample_ratio_guard() -> None:
+    """300 QA ids forced onto the candidate send 40% of the requests: they are not enrolled
+    (outside the analysis), so the rollout goes on; the guard counts units, not requests."""
+    vips = [f"vip-{i}" for i in range(300)]
+    config = canary_config(checks=[{"metric": "error_rate", "max_increase": 0.05}])
+    config["routes"][0]["experiment"]["overrides"] = {u: "candidate" for u in vips}
+    async with admin_stack(config, MOCKS) as admin:
+        traffic = Traffic([admin.stack.url], vips=vips, vip_share=0.4)
+        async with aiohttp.ClientSession() as session, traffic.running():
+            canary = await wait_state(session, admin.admin_url, "ranker")
+    assert canary["state"] == "promoted", canary
+    for entry in canary["history"][1:]:
+        assert entry["evidence"]["srm"]["mismatch"] is False
 
 
 @async_test

@@ -174,3 +174,19 @@ def test_canary_config_errors_name_their_key_path(canary: dict[str, Any], error:
 def test_min_effect_is_another_name_for_margin() -> None:
     check = spec({"metric": "clicked", "min_effect": 0.02}).checks
     assert check is not None and check[0].margin == 0.02
+
+
+def test_a_local_canary_without_exposure_records_is_refused() -> None:
+    """It judges the records: with them turned off it could never decide."""
+    config = canary_config()
+    config["exposures"] = {"enabled": False}
+    with pytest.raises(ConfigError) as info:
+        validate_config(config)
+    assert info.value.errors == [
+        "routes[0].experiment.canary.source: a local canary judges the exposure records "
+        "(per unit, with each answer's status and latency): set exposures.enabled: true"
+    ]
+    config["routes"][0]["experiment"]["canary"].update(
+        source="prometheus", prometheus_url="http://127.0.0.1:9090"
+    )
+    assert validate_config(config).exposures.enabled is False  # a fleet canary does not

@@ -261,3 +261,80 @@ def test_a_a_battery_through_the_engine_keeps_alpha(tmp_path: Path) -> None:
     assert sps.binom.ppf(0.001, tests, 0.05) <= alarms <= sps.binom.isf(0.001, tests, 0.05), alarms
     assert srm_alarms <= sps.binom.isf(0.001, runs, 0.001), srm_alarms
     assert time.monotonic() - started < 10.0
+
+
+@pytest.fixture(scope="module")
+def guarded_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A candidate that fails 20% of its answers and is slower, to repeat visitors."""
+    log_dir = tmp_path_factory.mktemp("guard-logs")
+    mocks = {
+        "model-a": MockSettings(name="model-a", latency_ms=2.0),
+        "model-b": MockSettings(
+            name="model-b",
+            latency_ms=6.0,
+            latency_dist="lognormal",
+            latency_std_ms=3.0,
+            error_rate=0.2,
+            seed=3,
+        ),
+    }
+
+    @async_test
+    async def run() -> None:
+        async with gateway_stack(ab_config(log_dir=str(log_dir)), mocks) as stack:
+            rng = random.Random(5)
+            async with aiohttp.ClientSession() as session:
+                for unit, n in visits(rng, 160):
+                    for _ in range(n):
+                        async with session.post(
+                            stack.url + "/predict", json={}, headers={"x-user-id": unit}
+                        ) as response:
+                            await response.read()
+
+    run()
+    return log_dir
+
+
+def test_the_gateways_own_metrics_equal_a_reference_on_the_raw_records(
+    guarded_logs: Path,
+) -> None:
+    """Error rate and mean latency per unit (delta method) and the latency quantiles (the
+    inverted empirical CDF of every answer) from `analyze --logs` equal a hand computation
+    on the records; the candidate's 20% errors and slower answers show, with intervals."""
+    (result,), _, _ = results_from_logs(str(guarded_logs), "ranker", None, timelines=False)
+    guard = result["guardrails"]
+    _, rows = read_exposures(guarded_logs)
+    ex = pd.DataFrame(rows)
+    ex = ex[ex["enrolled"] & ex["status"].notna()]
+    ex["error"] = (ex["status"] >= 500).astype(float)
+    ex["ms"] = ex["latency_us"].astype(float) / 1000.0
+    for variant, arm in ex.groupby("variant"):
+        per_unit = arm.groupby("unit_hash").agg(
+            n=("ms", "size"), errors=("error", "sum"), ms=("ms", "sum")
+        )
+        found = guard["variants"][variant]
+        assert found["units"] == len(per_unit) and found["requests"] == len(arm)
+        assert found["errors"] == int(arm["error"].sum())
+        assert found["error_rate"] == pytest.approx(arm["error"].mean(), rel=1e-12)
+        assert found["latency_ms"]["mean"] == pytest.approx(arm["ms"].mean(), rel=1e-12)
+        ordered = np.sort(arm["ms"].to_numpy())
+        for q in (0.5, 0.9, 0.99):
+            k = max(1, math.ceil(len(ordered) * q - 1e-9))
+            assert found["latency_ms"][f"p{q * 100:g}"] == pytest.approx(ordered[k - 1])
+        # The per-variant row the text and HTML report read: seconds, no longer "-".
+        row = next(v for v in result["variants"] if v["name"] == variant)
+        assert row["latency_s"]["p99"] == pytest.approx(found["latency_ms"]["p99"] / 1000)
+        # The delta-method standard error of the error rate, by hand.
+        r = per_unit["errors"].sum() / per_unit["n"].sum()
+        cov = np.cov(per_unit["errors"], per_unit["n"])
+        var = (cov[0, 0] - 2 * r * cov[0, 1] + r * r * cov[1, 1]) / per_unit["n"].mean() ** 2
+        se_by_hand = math.sqrt(var / len(per_unit))
+        if variant == "candidate":
+            rate = next(c for c in guard["comparisons"] if c["metric"] == "error_rate")
+            # The control never fails (variance 0): the difference's se is the candidate's.
+            assert rate["se"] == pytest.approx(se_by_hand, rel=1e-9)
+            assert rate["ci_low"] > 0.1 and rate["p_value"] < 1e-6
+    comparisons = {c["metric"]: c for c in guard["comparisons"]}
+    assert comparisons["latency_p50_ms"]["ci_low"] > 1.0  # the candidate is slower
+    assert comparisons["latency_p50_ms"]["method"] == "quantile"
+    assert comparisons["latency_ms"]["method"] == "ratio"

@@ -49,6 +49,7 @@ def _from_logs(log_dir: str, designs: list[dict[str, Any]]) -> list[dict[str, An
     The process's live engine for log_dir reads only what is new since its last refresh."""
     from modelgate.analysis_engine import ExperimentUnits
     from modelgate.analysis_live import live_engine
+    from modelgate.analysis_system import system_units
     from modelgate.stats import UnitStats
     from modelgate.unit_results import ratio_pairs, unit_results
 
@@ -60,14 +61,16 @@ def _from_logs(log_dir: str, designs: list[dict[str, Any]]) -> list[dict[str, An
         out = []
         for design in designs:
             name = design["name"]
+            system = None
             if name in engine.experiments():
                 units = engine.query(name, ratio_pairs(design))
                 binary = engine.binary_metrics(name)
+                system = system_units(engine, name, units.variants)
             else:  # nobody exposed yet
                 variants = list(design["variants"])
                 units = ExperimentUnits(name, variants, {v: UnitStats() for v in variants})
                 binary = {}
-            found = unit_results(design, units, binary)
+            found = unit_results(design, units, binary, system)
             out.append({**found, "source": "logs", "as_of": stamp, "as_of_note": note})
         return out
 

@@ -108,6 +108,10 @@ class AnalysisEngine:
         table = self.names.get(column)
         return table[value] if table is not None and value is not None else value
 
+    def id_of(self, column: str, name: str) -> str | int:
+        """What the tables hold for a name (a query's parameter): its id, or the name."""
+        return self._id(column, name)
+
     def _id(self, column: str, name: str) -> str | int:
         """What the tables hold for a name: its id (-1, matching nothing, when unknown)."""
         table = self.names.get(column)

@@ -13,15 +13,17 @@ file's columns are kept, keyed by its identity (st_dev, st_ino) with its size an
 A refresh is therefore a listing of the directory, a stat per file and the reading of what is
 new. Names (experiments, variants, metrics) keep one id each for the engine's life.
 
-What it holds: per exposure its claim on its request id (experiment, variant, unit_hash, the
-id's 16-byte tail, flags: 29 bytes) and per feedback record by request id 28 bytes; the rest
-as partial aggregates per chunk read (per experiment and unit: the first enrolled variant and
-ts_ns, exposures, lowest and highest variant, 33 bytes; per experiment, metric and unit of the
-feedback by unit: sum, count, all 0/1, 29 bytes), which the query (experiment_query with
-`partial`) groups on. For the benchmark's 10 million exposures and 10 million feedback records
-that is 443 MiB (1.8M unit rows, 2.1M value rows); DuckDB's working memory comes on top while
-a query runs. Status and latency are not held (nothing queries them here yet). A bound in
-time (a canary's start) is applied when reading, in an engine of its own (`bounded`).
+What it holds: per exposure its raw columns (experiment, variant, ts_ns, unit_hash, the request
+id's 16-byte tail, flags, status, latency_us: 43 bytes; the request id resolves feedback by
+request id, status and latency give the gateway's own metrics per unit and per request), per
+feedback record by request id 28 bytes, and the rest as partial aggregates per chunk read:
+per experiment and unit the first enrolled variant and ts_ns, exposures, lowest and highest
+variant (33 bytes); per experiment, metric and unit of the feedback by unit its sum, count and
+whether all were 0/1 (29 bytes). The query (experiment_query with `partial`) groups on those.
+For the benchmark's 10 million exposures and 10 million feedback records that is 577 MiB
+(1.8M unit rows, 2.1M value rows: 214 MiB less than the feedback by unit's raw columns);
+DuckDB's working memory comes on top while a query runs. A bound in time (a canary's start)
+is applied when reading, in an engine of its own (`bounded`).
 """
 
 from __future__ import annotations
@@ -56,14 +58,17 @@ log = logging.getLogger("modelgate.analysis")
 # What is kept of each chunk (one read of a file), as Arrow tables of these schemas. Name
 # columns hold ids (uint16) into the engine's names, hashes and id halves int64.
 _SCHEMAS = {
-    "exposures": pa.schema(  # every exposure: which (unit, variant) claims a request id
-        [
+    "exposures": pa.schema(  # every exposure: the (unit, variant) claiming its request id,
+        [  # and its answer (modelgate.analysis_system's error rate and latency per unit)
             ("experiment", pa.uint16()),
             ("variant", pa.uint16()),
+            ("ts_ns", pa.int64()),
             ("unit_hash", pa.int64()),
             ("rid_hi", pa.int64()),
             ("rid_lo", pa.int64()),
             ("flags", pa.uint8()),
+            ("status", pa.uint16()),
+            ("latency_us", pa.uint32()),
         ]
     ),
     "exposure_units": pa.schema(  # per (experiment, unit), over the enrolled exposures
@@ -97,7 +102,7 @@ _SCHEMAS = {
         ]
     ),
 }
-_EXPOSURE_READ = ("experiment", "variant", "ts_ns", "unit_hash", "rid_hi", "rid_lo", "flags")
+_EXPOSURE_READ = _SCHEMAS["exposures"].names
 _BY_UNIT_READ = ("experiment", "metric", "unit_hash", "value")
 _UNITS_SQL = """SELECT experiment, unit_hash, arg_min(variant, ts_ns) AS variant,
   min(ts_ns) AS ts_ns, count(*)::BIGINT AS exposures, min(variant) AS low, max(variant) AS high

@@ -110,6 +110,7 @@ def results_from_logs(
     claims (`excluded`) and those dropped because their request id tail was exposed to
     several units or variants (`ambiguous`), summed over metrics."""
     from modelgate.analysis_engine import AnalysisEngine, AnalysisError
+    from modelgate.analysis_system import system_units
     from modelgate.unit_results import ratio_pairs, unit_results
 
     if not Path(log_dir).is_dir():
@@ -127,7 +128,8 @@ def results_from_logs(
             if name not in engine.experiments():
                 raise AnalyzeError(f"--logs {log_dir}: no exposure records of experiment {name!r}")
             units = engine.query(name, ratio_pairs(designs[name]))
-            results.append(unit_results(designs[name], units, engine.binary_metrics(name)))
+            system = system_units(engine, name, units.variants)
+            results.append(unit_results(designs[name], units, engine.binary_metrics(name), system))
             excluded += sum(n for _, n in units.excluded.values())
             ambiguous += sum(units.ambiguous.values())
     finally:
@@ -264,7 +266,36 @@ def format_unit_results(result: dict[str, Any]) -> str:
             "several units or variants)"
         )
     lines += _format_sample_sizes(result, "units")
+    lines += _format_guardrails(result)
     return "\n".join(lines)
+
+
+def _format_guardrails(result: dict[str, Any]) -> list[str]:
+    """The gateway's own metrics per arm and against the control, from the records."""
+    guard = result.get("guardrails")
+    if not guard:
+        return []
+    lines = ["", "  the gateway's own metrics (per answer, from the exposure records; ms)"]
+    rows = [["variant", "units", "requests", "errors", "error rate", "mean", "p50", "p90", "p99"]]
+    for name, arm in guard["variants"].items():
+        ms = arm["latency_ms"]
+        rows.append(
+            [name, str(arm["units"]), str(arm["requests"]), str(arm["errors"])]
+            + [_num(arm["error_rate"], ".4f")]
+            + [_num(ms.get(k), ".4g") for k in ("mean", "p50", "p90", "p99")]
+        )
+    lines += _table(rows, left=1)
+    level = f"{1 - result['alpha']:.0%}"
+    for c in guard["comparisons"]:
+        if c.get("p_value") is None:
+            lines.append(f"  {c['metric']} {c['variant']}: {c.get('error', 'not tested')}")
+            continue
+        lines.append(
+            f"  {c['metric']} {c['variant']} - {c['control']}: {_num(c['diff'], '.4g')} "
+            f"[{_num(c['ci_low'], '.4g')}, {_num(c['ci_high'], '.4g')}] ({level}, {c['interval']}"
+            f", {c['method']} over {c['n_a']}+{c['n_b']} units), p {_num(c['p_value'])}"
+        )
+    return lines
 
 
 def _format_sample_sizes(result: dict[str, Any], what: str = "") -> list[str]:

@@ -1,25 +1,35 @@
 """The canary controller: ramps one experiment's candidate step by step, judges each step's
 window against the baseline, and promotes, rolls back, pauses or gives up (inconclusive),
-keeping every transition with its evidence. `tick()` is called periodically."""
+keeping every transition with its evidence. `tick()` is called periodically.
+
+Two kinds of numbers: per-unit evidence from the records (`source: local`,
+modelgate.canary_records; judged by modelgate.canary_verdicts over units since the canary
+began, with confidence sequences, off the event loop) or per-variant totals (a Prometheus
+server over a fleet, `MetricsSource`; judged per window by modelgate.canary_judge)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from modelgate.analysis_engine import AnalysisError
 from modelgate.canary_judge import (
     Arm,
+    CheckResult,
     ExperimentView,
     Snapshot,
     judge,
     srm_guard,
     window,
 )
+from modelgate.canary_records import Evidence, EvidenceSource
+from modelgate.canary_verdicts import feedback_metrics, judge_evidence, unit_srm_guard
 from modelgate.config import CanarySpec
 
 __all__ = [
@@ -63,6 +73,21 @@ def poll_interval(spec: CanarySpec) -> float:
     return min(1.0, max(0.05, spec.interval_s / 5.0))
 
 
+def _judge(
+    view: ExperimentView,
+    spec: CanarySpec,
+    source: EvidenceSource,
+    metrics: list[str],
+    began: float,
+    step_began: float,
+    srm_p: float,
+) -> tuple[Evidence, dict[str, Any] | None, list[CheckResult]]:
+    """Reading and judging, in a worker thread: the loop that serves requests never waits
+    for either."""
+    evidence = source.evidence(view, metrics, began, step_began)
+    return evidence, unit_srm_guard(view, spec, evidence, srm_p), judge_evidence(spec, evidence)
+
+
 def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
@@ -71,21 +96,27 @@ class Canary:
     """One experiment's canary. Weights are `{baseline: 100 - w, candidate: w}`; other
     variants keep theirs. All actions hold one lock, so a tick never interleaves with one."""
 
+    look_every_s = 2.0  # per-unit looks: at most this often (each reads the records)
+
     def __init__(
         self,
         view: ExperimentView,
         spec: CanarySpec,
         target: WeightTarget,
-        source: MetricsSource,
+        source: MetricsSource | None = None,
         *,
+        evidence: EvidenceSource | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
+        if (source is None) == (evidence is None):
+            raise ValueError("a canary reads either totals (source) or per-unit evidence")
         self.experiment = view.name
         self.route = view.route
         self.spec = spec
         self.target = target
         self.source = source
+        self.evidence = evidence
         self.clock = clock
         self.wall = wall
         self.state = "running"
@@ -96,6 +127,12 @@ class Canary:
         self.window_start: Snapshot | None = None
         self.window_started = 0.0  # monotonic: when window_start was taken
         self.window_asked = clock()  # monotonic: since when a window is wanted
+        # Per-unit evidence: the records since `began` (wall) are judged; the step's own
+        # since `step_began` (wall) count for min_samples and the sample-ratio guard.
+        self.began: float | None = None
+        self.step_began: float | None = None
+        self.srm_p = 1.0  # the sequential SRM test's running p-value within the step
+        self.judged_at = -math.inf  # monotonic: the last look at the evidence
         self.failures: dict[str, int] = {}
         self.last_evaluation: dict[str, Any] | None = None
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
@@ -120,6 +157,7 @@ class Canary:
     def _reset_window(self) -> None:
         self.window_start = None
         self.window_asked = self.clock()
+        self.step_began = None
 
     async def _retry(self, why: str = "retry") -> None:
         assert self.pending is not None
@@ -229,12 +267,16 @@ class Canary:
             self._reset_window()
             self._note("held", reason="the experiment is killed")
             return
+        if self.evidence is not None:
+            await self._look(view)
+            return
         if self.window_start is None:
             await self._open_window(view)
             return
         elapsed = self.clock() - self.window_started
         if elapsed < self.spec.interval_s:
             return
+        assert self.source is not None
         try:
             now = await self.source.snapshot(view)
         except CanaryError as exc:
@@ -248,10 +290,64 @@ class Canary:
             return
         await self._evaluate(view, arms, elapsed)
 
+    async def _look(self, view: ExperimentView) -> None:
+        """The per-unit path: the step's window opens when its weights are in force; after
+        interval_s, every look (at most every `look_every_s`) judges all the evidence since
+        the canary began, in a thread."""
+        assert self.evidence is not None
+        now = self.clock()
+        if self.step_began is None:
+            self.step_began = max(self.applied_at, self.wall())
+            if self.began is None:
+                self.began = self.step_began
+            self.window_started = now
+            self.srm_p = 1.0
+            return
+        elapsed = now - self.window_started
+        if elapsed < self.spec.interval_s or now - self.judged_at < self.look_every_s:
+            return
+        self.judged_at = now
+        metrics = feedback_metrics(self.spec)
+        evidence = self.evidence
+        began, step_began = self.began or self.step_began, self.step_began
+        try:
+            seen = await asyncio.to_thread(
+                _judge, view, self.spec, evidence, metrics, began, step_began, self.srm_p
+            )
+        except (CanaryError, AnalysisError, OSError) as exc:
+            await self._no_numbers(elapsed, error=str(exc))
+            return
+        evidence_read, srm, results = seen
+        spec = self.spec
+        samples = {
+            "baseline": evidence_read.step_requests.get(spec.baseline, 0),
+            "candidate": evidence_read.step_requests.get(spec.candidate, 0),
+        }
+        if min(samples.values()) < spec.min_samples:
+            why = f"fewer than min_samples {spec.min_samples} measured requests on an arm"
+            await self._no_numbers(elapsed, samples=samples, reason=why)
+            return
+        if srm is not None:
+            self.srm_p = srm["p_value"]
+        note = self._note(
+            "judged",
+            window_s=round(elapsed, 3),
+            samples=samples,
+            units={
+                v: evidence_read.errors[v].count
+                for v in (spec.baseline, spec.candidate)
+                if v in evidence_read.errors
+            },
+            srm=srm,
+            since=_when(began),
+        )
+        await self._decide(view, note, srm, results, elapsed)
+
     async def _open_window(self, view: ExperimentView) -> None:
         """Takes the window's starting totals once the source has seen the weights in force
         (Prometheus: a scrape after they were applied)."""
         waited = self.clock() - self.window_asked
+        assert self.source is not None
         try:
             start = await self.source.snapshot(view)
         except CanaryError as exc:
@@ -302,13 +398,23 @@ class Canary:
             return
         srm = srm_guard(view, spec, arms)
         note = self._note("judged", window_s=round(elapsed, 3), samples=samples, srm=srm)
+        await self._decide(view, note, srm, judge(spec, base, cand), elapsed)
+
+    async def _decide(
+        self,
+        view: ExperimentView,
+        note: dict[str, Any],
+        srm: dict[str, Any] | None,
+        results: list[CheckResult],
+        elapsed: float,
+    ) -> None:
+        spec = self.spec
         if srm is not None and srm["mismatch"]:
             note["decision"] = "paused"
             observed, expected, p = srm["counts"], srm["expected"], srm["p_value"]
             why = f"sample ratio mismatch: observed {observed}, expected {expected} (p = {p:.3g})"
             self._record("paused", "paused", why, note)
             return
-        results = judge(spec, base, cand)
         for result in results:
             if result.outcome == "fail":
                 self.failures[result.metric] = self.failures.get(result.metric, 0) + 1
@@ -330,7 +436,8 @@ class Canary:
             why = f"{names} failed, below failure_limit {spec.failure_limit}: a new window"
             self._record("check_failed", "running", why, note)
             self._reset_window()
-            await self._open_window(view)
+            if self.evidence is None:
+                await self._open_window(view)
         elif any(r.outcome == "wait" for r in results):
             note["decision"] = "waiting"
             if elapsed >= spec.wait_limit_s:
@@ -412,8 +519,10 @@ class Canary:
             "weight": self.weight,
             "pending_weights": self.pending,
             "window_s": round(self.clock() - self.window_started, 3)
-            if self.window_start is not None and self.state == "running"
+            if (self.window_start is not None or self.step_began is not None)
+            and self.state == "running"
             else None,
+            "judged_on": "units" if self.evidence is not None else "requests",
             "consecutive_failures": dict(self.failures),
             "last_evaluation": self.last_evaluation,
             "history": list(self.history),

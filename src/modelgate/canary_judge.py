@@ -20,6 +20,7 @@ __all__ = [
     "Snapshot",
     "Sums",
     "Totals",
+    "against",
     "experiment_view",
     "judge",
     "srm_guard",
@@ -220,7 +221,7 @@ def _finite(value: float) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
-def _against(low: float, high: float, limit: float) -> Outcome:
+def against(low: float, high: float, limit: float) -> Outcome:
     """A one-sided decision from an interval of a "worse" quantity allowed up to `limit`:
     all of it within the limit passes, all of it beyond fails, straddling waits for data."""
     if high <= limit:
@@ -255,16 +256,16 @@ def _error_rate(check: CanaryCheck, base: Arm, cand: Arm, alpha: float) -> Check
     verdicts: list[tuple[str, Outcome]] = []
     if check.max_increase is not None:
         limit = check.max_increase
-        verdicts.append((f"increase <= {limit:g}", _against(test.ci_low, test.ci_high, limit)))
+        verdicts.append((f"increase <= {limit:g}", against(test.ci_low, test.ci_high, limit)))
     if check.max_ratio is not None:
         limit = (check.max_ratio - 1.0) * test.p_a
         verdicts.append(
-            (f"ratio <= {check.max_ratio:g}", _against(test.ci_low, test.ci_high, limit))
+            (f"ratio <= {check.max_ratio:g}", against(test.ci_low, test.ci_high, limit))
         )
     if check.max_value is not None:
         z = statistics.NormalDist().inv_cdf(1.0 - alpha)
         low, high = _wilson(round(cand.errors), round(cand.requests), z)
-        verdicts.append((f"rate <= {check.max_value:g}", _against(low, high, check.max_value)))
+        verdicts.append((f"rate <= {check.max_value:g}", against(low, high, check.max_value)))
     outcome = _worst([v for _, v in verdicts])
     return CheckResult(
         check.metric,
@@ -340,7 +341,7 @@ def _feedback(check: CanaryCheck, base: Arm, cand: Arm, spec: CanarySpec) -> Che
     margin = check.margin or 0.0
     # "Worse" is the baseline minus the candidate when higher is better, else the reverse.
     worse = (-high, -low) if check.higher_is_better else (low, high)
-    outcome = _against(worse[0], worse[1], margin)
+    outcome = against(worse[0], worse[1], margin)
     numbers.update(
         diff=round(b.mean - a.mean, 6),
         ci=[round(low, 6), round(high, 6)],

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from modelgate.canary import Canary, CanaryError, poll_interval
 from modelgate.canary_judge import ExperimentView, experiment_view
-from modelgate.canary_sources import CanaryCollector, LocalSource, local_totals
+from modelgate.canary_records import RecordEvidence
+from modelgate.canary_sources import CanaryCollector, local_totals
 from modelgate.config import route_experiments
 from modelgate.control import ReloadError
 
@@ -48,7 +49,7 @@ class CanaryManager:
         self.control = control
         self.canaries: dict[str, Canary] = {}
         self.target = ControlTarget(control)
-        self.source = LocalSource(control)
+        self.records = RecordEvidence(control.config.log_dir)
         self._task: asyncio.Task[None] | None = None
 
     def views(self) -> dict[str, ExperimentView]:
@@ -79,7 +80,10 @@ class CanaryManager:
                 continue
             if current is not None and current.spec == view.canary:
                 continue
-            canary = Canary(view, view.canary, self.target, self.source)
+            if self.records.log_dir != self.control.config.log_dir:
+                self.records.close()
+                self.records = RecordEvidence(self.control.config.log_dir)
+            canary = Canary(view, view.canary, self.target, evidence=self.records)
             if current is not None:
                 log.warning(
                     "canary %s: its config changed; restarted from the weights in force", name
@@ -115,6 +119,7 @@ class CanaryManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self.records.close()
 
     # --- what the admin API and /metrics show ---------------------------------------------
 

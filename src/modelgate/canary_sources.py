@@ -1,12 +1,12 @@
-"""Where a canary's numbers come from: this control plane's own totals (`source: local`), or a
-Prometheus server scraping every gateway (`source: prometheus`), which reads back the
-`modelgate_canary_*` series that `CanaryCollector` adds to each gateway's /metrics.
+"""Where a fleet canary's numbers come from: a Prometheus server scraping every gateway
+(`source: prometheus`), which reads back the `modelgate_canary_*` series that
+`CanaryCollector` adds to each gateway's /metrics (built from the control plane's totals,
+`local_totals`). A `source: local` canary reads the records instead (canary_records).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -21,11 +21,10 @@ from modelgate.outcomes import LATENCY_BUCKETS_S
 from modelgate.telemetry import CountSlice
 
 if TYPE_CHECKING:
-    from modelgate.control import ControlPlane
+    pass
 
 __all__ = [
     "CanaryCollector",
-    "LocalSource",
     "PrometheusSource",
     "local_totals",
 ]
@@ -60,18 +59,6 @@ def local_totals(
                 row["count"], row["mean"], row["m2"], row["ones"]
             )
     return arms
-
-
-class LocalSource:
-    """The control plane's own numbers: every worker of this gateway, nothing else."""
-
-    def __init__(self, control: ControlPlane) -> None:
-        self.control = control
-
-    async def snapshot(self, view: ExperimentView) -> Snapshot:
-        outcomes = await self.control.outcomes()
-        counts = await self.control.counts()
-        return Snapshot(local_totals(view, outcomes, counts), time.time())
 
 
 # --- the exposition that a Prometheus source reads back ---------------------------------------

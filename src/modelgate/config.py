@@ -313,7 +313,12 @@ class CanarySpec(_Strict):
     min_samples: int = Field(200, ge=1)  # per arm, in the step's window
     max_wait_s: float | None = Field(None, gt=0, allow_inf_nan=False)  # 10 x interval_s
     failure_limit: int = Field(1, ge=1)  # consecutive failed evaluations before rollback
-    alpha: float = Field(0.05, gt=0, lt=0.5)  # one-sided level of every statistical check
+    # The canary's false-rollback rate: `source: local` splits it over the checks (each a
+    # one-sided test over units, read at every look); `prometheus` uses it for each check.
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    # Where the confidence sequences of a local canary are tightest, in units (arms
+    # together): about the number of users a step sees (GrowthBook's tuning parameter).
+    sequential_tuning: float = Field(1000.0, gt=0, allow_inf_nan=False)
     srm_threshold: float = Field(0.001, gt=0, lt=1)
     on_inconclusive: Literal["hold", "rollback", "promote"] = "hold"
     source: Literal["local", "prometheus"] = "local"
@@ -1049,6 +1054,11 @@ def _experiment_errors(
             errors.append(
                 f"{where}.canary.baseline: must be the variant just before the candidate "
                 f"(variants: {names})"
+            )
+        if canary.source == "local" and not config.exposures.enabled:
+            errors.append(
+                f"{where}.canary.source: a local canary judges the exposure records (per unit, "
+                "with each answer's status and latency): set exposures.enabled: true"
             )
     return errors
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from modelgate.analysis_engine import ExperimentUnits
+from modelgate.analysis_system import SystemUnits
 from modelgate.results import per_arm_needed, with_still_needed
 from modelgate.stats import (
     DEFAULT_TUNING,
@@ -22,6 +23,8 @@ from modelgate.stats import (
     UnitStats,
     cuped_test,
     holm,
+    quantile_estimate,
+    quantile_test,
     sequential_srm_test,
     srm_test,
     unit_mean_test,
@@ -29,7 +32,9 @@ from modelgate.stats import (
     unit_ratio_test,
 )
 
-__all__ = ["metric_plan", "ratio_pairs", "unit_results"]
+__all__ = ["QUANTILES", "guardrails", "metric_plan", "ratio_pairs", "unit_results"]
+
+QUANTILES = (0.5, 0.9, 0.99)  # the latency quantiles every result shows, per arm
 
 _TESTS = {
     "mean": unit_mean_test,
@@ -143,8 +148,99 @@ def _sample_size(
     return with_still_needed(out, n, summaries)
 
 
+def _test(run: Any, analysis: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """One guardrail test, or why it could not run (too few units or requests)."""
+    try:
+        found: EffectResult = run(
+            *args,
+            alpha=float(analysis.get("alpha", 0.05)),
+            sequential=bool(analysis.get("sequential", False)),
+            tuning=float(analysis.get("sequential_tuning", DEFAULT_TUNING)),
+            **kwargs,
+        )
+    except ValueError as exc:
+        return {"error": str(exc), "p_value": None}
+    return found.as_dict()
+
+
+def guardrails(
+    system: SystemUnits, variants: list[str], control: str, analysis: dict[str, Any]
+) -> dict[str, Any]:
+    """The gateway's own metrics per arm from the exposure records, and each arm against the
+    control: error rate and mean latency as ratios over units (delta method), the latency
+    quantiles with the clustered interval of Deng, Knoblich & Lu (2018). Tested each at the
+    experiment's alpha, outside the Holm family of the feedback metrics: they guard the
+    release, they are not its goal."""
+    arms: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        errors = system.errors.get(variant, UnitStats())
+        latency = system.latency.get(variant, UnitStats())
+        per_request = system.latencies.get(variant)
+        out: dict[str, Any] = {
+            "units": errors.count,
+            "requests": round(errors.sum_y),
+            "errors": round(errors.sum_x),
+            "error_rate": errors.mean_x / errors.mean_y if errors.mean_y else None,
+            "latency_ms": {"mean": latency.mean_x / latency.mean_y if latency.mean_y else None},
+        }
+        for q in QUANTILES:
+            key = f"p{q * 100:g}"
+            try:
+                assert per_request is not None
+                estimate = quantile_estimate(per_request.ms, per_request.units, q)
+                out["latency_ms"][key] = estimate.estimate
+                out["latency_ms"][f"{key}_se"] = estimate.variance**0.5
+            except (AssertionError, ValueError):
+                small = per_request.ms if per_request is not None else ()
+                out["latency_ms"][key] = quantile_of(small, q)
+        arms[variant] = out
+    comparisons: list[dict[str, Any]] = []
+    base_e, base_l = system.errors.get(control), system.latency.get(control)
+    base_r = system.latencies.get(control)
+    for variant in variants:
+        if variant == control or base_e is None or base_l is None or base_r is None:
+            continue
+        head = {"variant": variant, "control": control}
+        arm_e, arm_l = system.errors.get(variant, UnitStats()), system.latency.get(variant)
+        comparisons.append(
+            {"metric": "error_rate", **head, **_test(unit_ratio_test, analysis, base_e, arm_e)}
+        )
+        comparisons.append(
+            {
+                "metric": "latency_ms",
+                **head,
+                **_test(unit_ratio_test, analysis, base_l, arm_l or UnitStats()),
+            }
+        )
+        arm_r = system.latencies.get(variant)
+        for q in QUANTILES:
+            tested = (
+                _test(quantile_test, analysis, base_r.ms, base_r.units, arm_r.ms, arm_r.units, q=q)
+                if arm_r is not None
+                else {"error": "no measured request", "p_value": None}
+            )
+            comparisons.append({"metric": f"latency_p{q * 100:g}_ms", **head, **tested})
+    return {
+        "variants": arms,
+        "comparisons": comparisons,
+        "note": "from the exposure records: each answer's status and latency (exact to 1 us); "
+        "an error is a 5xx or no answer; each test at the experiment's alpha, outside Holm",
+    }
+
+
+def quantile_of(values: Any, q: float) -> float | None:
+    """The plain sample quantile, for arms too small for an interval."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=float)
+    return float(np.quantile(data, q, method="inverted_cdf")) if data.size else None
+
+
 def unit_results(
-    design: dict[str, Any], units: ExperimentUnits, binary: dict[str, bool] | None = None
+    design: dict[str, Any],
+    units: ExperimentUnits,
+    binary: dict[str, bool] | None = None,
+    system: SystemUnits | None = None,
 ) -> dict[str, Any]:
     """Results of one experiment over units. `design`: the sidecar's (or
     `outcomes.experiment_designs`') entry; `units`: `AnalysisEngine.query` with the pairs of
@@ -186,9 +282,11 @@ def unit_results(
         comparison["p_value_holm"] = float(adjusted)
         comparison["significant"] = bool(adjusted < alpha)
     counts = [units.exposures[v].count if v in units.exposures else 0 for v in variants]
+    guard = guardrails(system, variants, control, analysis) if system is not None else None
     per_arm = []
     for variant, weight, n in zip(variants, design["weights"], counts, strict=True):
         exposed = units.exposures.get(variant, UnitStats())
+        arm = guard["variants"][variant] if guard is not None else None
         per_arm.append(
             {
                 "name": variant,
@@ -197,9 +295,9 @@ def unit_results(
                 "units": n,
                 "exposures": round(exposed.sum_x),
                 "switched": units.switched.get(variant, 0),
-                "errors": 0,
-                "error_rate": None,
-                "latency_s": None,
+                "errors": arm["errors"] if arm else 0,
+                "error_rate": arm["error_rate"] if arm else None,
+                "latency_s": _seconds(arm["latency_ms"]) if arm and arm["requests"] else None,
                 "metrics": {m: summaries[m][variant] for m in summaries},
             }
         )
@@ -222,6 +320,7 @@ def unit_results(
         },
         "comparisons": comparisons,
         "multiple_testing": {"method": "holm", "tests": len(tested)},
+        "guardrails": guard,
         "srm": _srm(design, counts),
         "excluded": {m: {"units": u, "values": n} for m, (u, n) in sorted(units.excluded.items())},
         "ambiguous": dict(sorted(units.ambiguous.items())),
@@ -230,6 +329,11 @@ def unit_results(
             for m in sorted(mde)
         ],
     }
+
+
+def _seconds(latency_ms: dict[str, Any]) -> dict[str, Any]:
+    """The arm's latency as the per-event results show it (seconds, p50 and p99 at least)."""
+    return {k: v / 1000.0 for k, v in latency_ms.items() if v is not None and not k.endswith("_se")}
 
 
 def ratio_pairs(design: dict[str, Any]) -> list[tuple[str, str]]:
