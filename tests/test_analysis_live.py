@@ -21,8 +21,15 @@ import pytest
 
 from modelgate.analysis_engine import AnalysisEngine
 from modelgate.analysis_live import LiveEngine, live_engine
+from modelgate.analysis_system import system_units
 from modelgate.core import xxh64
-from modelgate.exposure import EXPOSURE_DTYPE, FLAG_ENROLLED, FLAG_FORCED, ExposureLog
+from modelgate.exposure import (
+    EXPOSURE_DTYPE,
+    FLAG_ENROLLED,
+    FLAG_FORCED,
+    FLAG_MEASURED,
+    ExposureLog,
+)
 from modelgate.feedbacklog import FEEDBACK_DTYPE, FLAG_BY_REQUEST_ID, FeedbackLog
 
 RATIOS = [("clicks", "views")]
@@ -58,9 +65,15 @@ class Traffic:
             if self.rng.random() < 0.02:
                 variant = self.variants[(unit_hash + 1) % len(self.variants)]  # a ramp moved it
             forced = self.rng.random() < 0.03
-            flags = FLAG_FORCED if forced else FLAG_ENROLLED
+            flags = (FLAG_FORCED if forced else FLAG_ENROLLED) | FLAG_MEASURED
+            status = 503 if self.rng.random() < 0.02 else 200
+            if self.rng.random() < 0.02:
+                flags, status = flags & ~FLAG_MEASURED, 0  # the client left before the answer
+            latency = int(self.rng.lognormal(7, 0.5))
             ts = time.time_ns()
-            self.exposures.add(request_id, unit_hash, experiment, variant, flags, 200, 900, ts)
+            self.exposures.add(
+                request_id, unit_hash, experiment, variant, flags, status, latency, ts
+            )
             for metric in self.metrics:
                 roll = self.rng.random()
                 if roll < 0.3:  # by unit
@@ -114,6 +127,8 @@ def _assert_close(got: Any, want: Any, where: str = "") -> None:
         assert got.keys() == want.keys(), where
         for key in got:
             _assert_close(got[key], want[key], f"{where}[{key!r}]")
+    elif isinstance(got, np.ndarray):
+        assert np.array_equal(np.sort(got), np.sort(want)), where
     elif isinstance(got, float):
         assert got == pytest.approx(want, rel=1e-12, abs=1e-12), where
     else:
@@ -128,8 +143,14 @@ def _assert_same(live: LiveEngine, log_dir: Path) -> None:
             assert engine.experiments() == fresh.experiments()
             assert engine.designs == fresh.designs
             for name in fresh.experiments():
-                _assert_close(engine.query(name, RATIOS), fresh.query(name, RATIOS), name)
+                units = engine.query(name, RATIOS)
+                _assert_close(units, fresh.query(name, RATIOS), name)
                 assert engine.binary_metrics(name) == fresh.binary_metrics(name)
+                _assert_close(  # the gateway's own metrics read the raw exposures
+                    system_units(engine, name, units.variants),
+                    system_units(fresh, name, units.variants),
+                    name,
+                )
     finally:
         fresh.close()
 
