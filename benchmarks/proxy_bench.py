@@ -2,6 +2,10 @@
 aiohttp proxy and modelgate, round-robin in one run; medians, ratios and an RSS leak check.
 
     python benchmarks/proxy_bench.py [--targets direct,nginx,naive,modelgate] [-d 5] [--rounds 3]
+
+`modelgate-canaries` and `modelgate-nocanaries` are the same gateway config, `--canaries N`
+experiments on their own routes (the wrk script spreads the requests over them), with and
+without a `source: local` canary on each: the cost of judging canaries on the request path.
 """
 
 from __future__ import annotations
@@ -22,15 +26,27 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_TARGETS = ("direct", "nginx", "naive", "modelgate", "nginx-mirror", "modelgate-shadow")
+ALL_TARGETS = (
+    "direct",
+    "nginx",
+    "naive",
+    "modelgate",
+    "nginx-mirror",
+    "modelgate-shadow",
+    "modelgate-nocanaries",
+    "modelgate-canaries",
+)
+CANARY_TARGETS = ("modelgate-nocanaries", "modelgate-canaries")
 UPSTREAM_BODY = b'{"score":0.5}'
 PATH = "/predict"
 POST_BYTES = 1024
@@ -51,12 +67,27 @@ def post_body() -> bytes:
     return head + b"x" * (POST_BYTES - len(head) - 2) + b'"}'
 
 
-def wrk_script(method: str, body: bytes | None) -> str:
+# wrk's --latency prints p50/75/90/99 only; the script's done() prints the tail as well, in us.
+TAIL_LINE = "modelgate-bench-tail"
+
+
+def canary_path(index: int) -> str:
+    """The path of the route of canary experiment `index` (see modelgate_canaries_config)."""
+    return f"/c{index}{PATH}"
+
+
+def wrk_script(method: str, body: bytes | None, paths: int = 0) -> str:
     # A fresh header table per request: wrk.format adds Host and Content-Length to it.
-    # The x-user-id varies so an A/B router really assigns units on every request.
+    # The x-user-id varies so an A/B router really assigns units on every request; with
+    # `paths`, the requests go round the routes /c0/predict .. /c{paths-1}/predict (user k
+    # always on route k mod paths).
     lines = ["local counter = 0"]
     if body is not None:
         lines.append(f"local body = [==[{body.decode()}]==]")
+    if paths:
+        lines.append(
+            "local paths = {" + ", ".join(f'"{canary_path(i)}"' for i in range(paths)) + "}"
+        )
     lines += [
         "request = function()",
         f"  counter = (counter + 1) % {USERS}",
@@ -64,8 +95,15 @@ def wrk_script(method: str, body: bytes | None) -> str:
     ]
     if body is not None:
         lines.append('  headers["Content-Type"] = "application/json"')
-    lines.append(f'  return wrk.format("{method}", "{PATH}", headers, {"body" if body else "nil"})')
+    path = f"paths[counter % {paths} + 1]" if paths else f'"{PATH}"'
+    lines.append(f'  return wrk.format("{method}", {path}, headers, {"body" if body else "nil"})')
     lines.append("end")
+    lines += [
+        "done = function(summary, latency, requests)",
+        f'  io.write(string.format("{TAIL_LINE} p99.9 %d max %d\\n",',
+        "    latency:percentile(99.9), latency.max))",
+        "end",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -155,6 +193,56 @@ def modelgate_shadow_config(port: int, admin_port: int, upstream_port: int, log_
     )
 
 
+def modelgate_canaries_config(
+    port: int, admin_port: int, upstream_port: int, log_dir: Path, canaries: int, judge: bool
+) -> str:
+    """The A/B config with `canaries` experiments before it, each on its own route
+    (/c{i}/, two variants on the same upstream at 90/10) and, with `judge`, a `source: local`
+    canary with the default checks: one look a second once min_samples are in, and no
+    deadline (max_wait_s a day), so it judges for the whole bench. Without `judge` the
+    config is the same but for the canary blocks; exposures are on in both."""
+    url = f"http://127.0.0.1:{upstream_port}"
+    routes = []
+    for index in range(canaries):
+        routes.append(
+            f"""  - name: canary-{index}
+    match: {{path_prefix: /c{index}/}}
+    unit: [header:x-user-id]
+    experiment:
+      name: canary-{index}
+      variants:
+        - {{name: a, upstream: model-a, weight: 90}}
+        - {{name: b, upstream: model-b, weight: 10}}
+"""
+        )
+        if judge:
+            # The default checks (error rate, p99), and one that identical arms never pass
+            # (p50 no higher at all: its interval straddles 0), so no canary is promoted;
+            # failure_limit so high that a failed look starts a new window instead of a
+            # rollback: every canary judges for the whole bench.
+            routes.append(
+                """      canary:
+        baseline: a
+        candidate: b
+        source: local
+        steps: [10, 20, 50, 100]
+        interval_s: 1
+        min_samples: 20
+        max_wait_s: 86400
+        failure_limit: 1000000
+        checks:
+          - {metric: error_rate, max_increase: 0.01}
+          - {metric: latency_p99_ms, max_ratio: 1.5}
+          - {metric: latency_p50_ms, max_ratio: 1.0}
+"""
+            )
+    head, _, tail = modelgate_config(port, admin_port, upstream_port, log_dir).partition(
+        "routes:\n"
+    )
+    assert url in head and tail
+    return head + "routes:\n" + "".join(routes) + tail
+
+
 def modelgate_config(port: int, admin_port: int, upstream_port: int, log_dir: Path) -> str:
     url = f"http://127.0.0.1:{upstream_port}"
     return f"""listen: 127.0.0.1:{port}
@@ -190,6 +278,7 @@ class Target:
     port: int
     pid: int | None  # root of the proxy's process tree; None for the direct target
     note: str = ""
+    admin_port: int | None = None  # modelgate's admin API
 
 
 class Processes:
@@ -309,6 +398,26 @@ def rss_kib(pids: Sequence[int]) -> int:
     return total
 
 
+def thread_cpu_seconds(pids: Sequence[int]) -> dict[str, float]:
+    """CPU time of the processes' main threads ("main", the event loop's) and of their
+    other threads ("threads": the record writers, the canaries' judging), from /proc."""
+    found: dict[str, float] = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                comm = "main" if tid == str(pid) else "threads"
+                fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rpartition(")")[2]
+            except OSError:
+                continue
+            ticks = fields.split()
+            found[comm] = found.get(comm, 0.0) + (int(ticks[11]) + int(ticks[12])) / CLK_TCK
+    return found
+
+
 def cpu_list(spec: str) -> list[int]:
     """taskset's list syntax: "1", "0-1", "1,3"."""
     cpus: list[int] = []
@@ -330,22 +439,22 @@ def cores_busy_seconds(spec: str) -> float:
     return busy / CLK_TCK
 
 
-def preflight(port: int, body: bytes) -> dict[str, str]:
+def preflight(port: int, body: bytes, path: str = PATH) -> dict[str, str]:
     """One GET and one POST must answer 200 with the upstream's body; returns the headers."""
     headers: dict[str, str] = {}
     for method, payload in (("GET", None), ("POST", body)):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         try:
             request_headers = {"x-user-id": "preflight", "content-type": "application/json"}
-            conn.request(method, PATH, body=payload, headers=request_headers)
+            conn.request(method, path, body=payload, headers=request_headers)
             response = conn.getresponse()
             data = response.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise StartError(f"{method} {PATH} failed: {exc!r}") from exc
+            raise StartError(f"{method} {path} failed: {exc!r}") from exc
         finally:
             conn.close()
         if response.status != 200 or data != UPSTREAM_BODY:
-            raise StartError(f"{method} {PATH} answered {response.status} {data[:200]!r}")
+            raise StartError(f"{method} {path} answered {response.status} {data[:200]!r}")
         headers = {k.lower(): v for k, v in response.getheaders()}
     return headers
 
@@ -369,12 +478,19 @@ class WrkResult:
     rps: float
     p50_us: float
     p99_us: float
+    # From the script's done() (None when wrk ran without the bench's script).
+    p999_us: float | None = None
+    max_us: float | None = None
     non_2xx: int = 0
     socket_errors: int = 0
     proxy_cpu_s: float | None = None
     # CPU time of everything on the proxy's cores (pinned runs only): far above
     # proxy_cpu_s means another process ran there and the figure is disturbed.
     cores_busy_s: float | None = None
+    # GET /canaries taken during the run (canary targets only): see probe_canaries.
+    canaries: dict[str, Any] | None = None
+    # modelgate targets: the proxy's CPU seconds in the run per thread name.
+    threads_cpu_s: dict[str, float] | None = None
 
     @property
     def cpu_us_per_request(self) -> float | None:
@@ -395,14 +511,70 @@ def parse_wrk(output: str) -> WrkResult:
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
     )
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    tail = re.search(rf"^{TAIL_LINE} p99\.9 (\d+) max (\d+)$", output, re.MULTILINE)
     return WrkResult(
         requests=int(done.group(1)),
         duration_s=_duration_us(done.group(2) + done.group(3)) / 1e6,
         rps=float(find(r"^Requests/sec:\s+([\d.]+)").group(1)),
         p50_us=_duration_us(find(r"^\s+50%\s+(\S+)").group(1)),
         p99_us=_duration_us(find(r"^\s+99%\s+(\S+)").group(1)),
+        p999_us=float(tail.group(1)) if tail else None,
+        max_us=float(tail.group(2)) if tail else None,
         non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
         socket_errors=sum(int(g) for g in errors.groups()) if errors else 0,
+    )
+
+
+def probe_canaries(admin_port: int, run_began: float) -> dict[str, Any]:
+    """GET /canaries on the admin port: how many canaries there are, how many are running,
+    and how many judged (a last evaluation with check results) since `run_began` (unix s),
+    with the decisions and the check outcomes of those evaluations."""
+    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
+    try:
+        conn.request("GET", "/canaries")
+        response = conn.getresponse()
+        data = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        return {"error": repr(exc)}
+    finally:
+        conn.close()
+    if response.status != 200:
+        return {"error": f"GET /canaries answered {response.status} {data[:200]!r}"}
+    found = json.loads(data)["canaries"]
+    states: dict[str, int] = {}
+    decisions: dict[str, int] = {}
+    outcomes: dict[str, int] = {}
+    judged = 0
+    for canary in found:
+        states[canary["state"]] = states.get(canary["state"], 0) + 1
+        last = canary.get("last_evaluation") or {}
+        when = last.get("time")
+        if not last.get("checks") or when is None:
+            continue
+        if datetime.fromisoformat(when).timestamp() < run_began:
+            continue
+        judged += 1
+        decisions[last["decision"]] = decisions.get(last["decision"], 0) + 1
+        for check in last["checks"]:
+            key = f"{check['metric']} {check['outcome']}"
+            outcomes[key] = outcomes.get(key, 0) + 1
+    return {
+        "canaries": len(found),
+        "states": states,
+        "judged_during_run": judged,
+        "decisions": decisions,
+        "checks": outcomes,
+    }
+
+
+def probe_text(probe: dict[str, Any] | None) -> str:
+    if probe is None:
+        return ""
+    if "error" in probe:
+        return f"probe failed: {probe['error']}"
+    return (
+        f"{probe['judged_during_run']}/{probe['canaries']} judged during the run,"
+        f" states {probe['states']}, decisions {probe['decisions']}, checks {probe['checks']}"
     )
 
 
@@ -444,9 +616,25 @@ class Runner:
         if self.pin:
             command = ["taskset", "-c", self.load_cpus, *command]
         pids = tree_pids(target.pid) if target.pid is not None else []
+        probe: dict[str, Any] | None = None
+        timer: threading.Timer | None = None
+        if target.name == "modelgate-canaries" and target.admin_port is not None:
+            # Late in the run, so each canary has had time to look at this run's records.
+            began, admin_port = time.time(), target.admin_port
+
+            def take() -> None:
+                nonlocal probe
+                probe = probe_canaries(admin_port, began)
+
+            timer = threading.Timer(max(0.5, seconds * 0.8), take)
         cpu_before, cores_before = cpu_seconds(pids), cores_busy_seconds(self.proxy_cpus)
+        threads_before = thread_cpu_seconds(pids) if target.name.startswith("modelgate") else {}
+        if timer is not None:
+            timer.start()
         done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
         cpu_after, cores_after = cpu_seconds(pids), cores_busy_seconds(self.proxy_cpus)
+        if timer is not None:
+            timer.join()
         if done.returncode != 0:
             raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
         result = parse_wrk(done.stdout)
@@ -454,6 +642,14 @@ class Runner:
             result.proxy_cpu_s = cpu_after - cpu_before
             if self.pin:
                 result.cores_busy_s = cores_after - cores_before
+        result.canaries = probe
+        if threads_before:
+            after = thread_cpu_seconds(pids)
+            result.threads_cpu_s = {
+                name: round(seconds - threads_before.get(name, 0.0), 2)
+                for name, seconds in sorted(after.items())
+                if seconds - threads_before.get(name, 0.0) > 0
+            }
         return result
 
 
@@ -513,6 +709,23 @@ class Bench:
             conf = mirror_nginx_conf(self.workdir / name, port, upstream_port)
             pid = self.start_nginx(name, conf, port, cpus)
             return Target(name, port, pid, "nginx reverse proxy + mirror module")
+        if name in CANARY_TARGETS:
+            config = self.workdir / f"{name}.yaml"
+            log_dir = self.workdir / f"{name}-logs"
+            admin_port = free_port()
+            n, judge = self.args.canaries, name == "modelgate-canaries"
+            text = modelgate_canaries_config(port, admin_port, upstream_port, log_dir, n, judge)
+            config.write_text(text)
+            argv = [*modelgate_command(self.args.modelgate_cmd), "serve", "--config", str(config)]
+            argv += ["--workers", "1"]
+            proc = self.procs.start(name, argv, cpus, env=modelgate_env())
+            self.procs.wait_listening(name, proc, port, self.args.start_timeout)
+            what = "each with a source: local canary" if judge else "no canary"
+            note = (
+                f"1 worker, {n} experiments 90/10 on routes /c0/../c{n - 1}/ ({what}),"
+                " exposures on; SIGSTOPped while other targets run"
+            )
+            return Target(name, port, proc.pid, note, admin_port)
         if name in ("modelgate", "modelgate-shadow"):
             config = self.workdir / f"{name}.yaml"
             log_dir = self.workdir / f"{name}-logs"
@@ -534,6 +747,8 @@ class Bench:
             try:
                 target = self.start_target(name, upstream_port)
                 headers = preflight(target.port, self.body)
+                if name in CANARY_TARGETS:
+                    headers = preflight(target.port, self.body, canary_path(0))
             except (StartError, OSError) as exc:
                 self.skipped[name] = str(exc)
                 self.procs.stop_named(name)  # started but broken: not left to steal CPU
@@ -567,6 +782,16 @@ def modelgate_env() -> dict[str, str]:
     return env
 
 
+def hold(target: Target, stopped: bool) -> None:
+    """SIGSTOP (or SIGCONT) a canary target's process group: the canaries judge in the
+    background, on the proxies' core, and must not disturb the other targets' runs."""
+    if target.name in CANARY_TARGETS and target.pid is not None:
+        try:
+            os.killpg(target.pid, signal.SIGSTOP if stopped else signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 @dataclass
 class Run:
     round: int
@@ -584,6 +809,7 @@ def run_rounds(
         # Rotate the order each round so no target always runs first (or after the same one).
         shift = index % len(targets)
         for target in targets[shift:] + targets[:shift]:
+            hold(target, False)
             for workload in workloads:
                 result = runner.run(target, workload, bench.args.duration)
                 runs.append(Run(index, target.name, workload.label, workload.connections, result))
@@ -591,9 +817,15 @@ def run_rounds(
                     f"# round {index + 1} {target.name:<9} {workload.label:<9}"
                     f" c{workload.connections:<3}"
                     f" {result.rps:>10.0f} req/s  p50 {result.p50_us / 1e3:.3f} ms"
-                    f"  p99 {result.p99_us / 1e3:.3f} ms",
+                    f"  p99 {result.p99_us / 1e3:.3f} ms  p99.9 {_ms(result.p999_us)} ms"
+                    f"  max {_ms(result.max_us)} ms",
                     file=sys.stderr,
                 )
+                if result.canaries is not None:
+                    print(f"#   canaries: {probe_text(result.canaries)}", file=sys.stderr)
+                if result.threads_cpu_s:
+                    print(f"#   CPU s per thread: {result.threads_cpu_s}", file=sys.stderr)
+            hold(target, True)
     return runs
 
 
@@ -605,6 +837,8 @@ class Summary:
     rps: float
     p50_us: float
     p99_us: float
+    p999_us: float | None
+    max_us: float | None
     cpu_us_per_request: float | None
     rps_min: float
     rps_max: float
@@ -613,6 +847,16 @@ class Summary:
     non_2xx: int
     socket_errors: int
     added_p50_us: float | None = None
+    # Canaries judging during each run (GET /canaries late in the run): fewest over runs.
+    canaries_judged_min: int | None = None
+    canaries: int | None = None
+    # Median CPU seconds per run of each thread of the proxy (modelgate targets).
+    threads_cpu_s: dict[str, float] | None = None
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def summarize(runs: list[Run]) -> list[Summary]:
@@ -632,6 +876,8 @@ def summarize(runs: list[Run]) -> list[Summary]:
                 rps=statistics.median(r.rps for r in results),
                 p50_us=statistics.median(r.p50_us for r in results),
                 p99_us=statistics.median(r.p99_us for r in results),
+                p999_us=_median([r.p999_us for r in results]),
+                max_us=_median([r.max_us for r in results]),
                 cpu_us_per_request=statistics.median(cpu) if cpu else None,
                 rps_min=min(r.rps for r in results),
                 rps_max=max(r.rps for r in results),
@@ -641,6 +887,20 @@ def summarize(runs: list[Run]) -> list[Summary]:
                 socket_errors=sum(r.socket_errors for r in results),
             )
         )
+        per_thread = [r.threads_cpu_s for r in results if r.threads_cpu_s is not None]
+        if per_thread:
+            names = sorted({name for found in per_thread for name in found})
+            summaries[-1].threads_cpu_s = {
+                name: round(statistics.median(found.get(name, 0.0) for found in per_thread), 2)
+                for name in names
+            }
+        probes = [r.canaries for r in results if r.canaries is not None]
+        if probes:
+            counted = [p for p in probes if "error" not in p]
+            summaries[-1].canaries_judged_min = (
+                min(p["judged_during_run"] for p in counted) if len(counted) == len(probes) else 0
+            )
+            summaries[-1].canaries = max((p["canaries"] for p in counted), default=0)
     direct = {(s.workload, s.connections): s.p50_us for s in summaries if s.target == "direct"}
     for s in summaries:
         base = direct.get((s.workload, s.connections))
@@ -652,16 +912,20 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _ms(value_us: float | None) -> str:
+    return "n/a" if value_us is None else f"{value_us / 1e3:.3f}"
+
+
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
 def results_table(summaries: list[Summary], order: Sequence[str]) -> str:
     rows = [
-        "| target | workload | conns | req/s | req/s min-max | p50 ms | p99 ms "
-        "| p50 added vs direct, ms | proxy CPU us/req | proxy busy | proxy cores busy "
+        "| target | workload | conns | req/s | req/s min-max | p50 ms | p99 ms | p99.9 ms "
+        "| max ms | p50 added vs direct, ms | proxy CPU us/req | proxy busy | proxy cores busy "
         "| non-2xx / socket errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ranked = sorted(summaries, key=lambda s: (s.workload, s.connections, order.index(s.target)))
     for s in ranked:
@@ -669,7 +933,8 @@ def results_table(summaries: list[Summary], order: Sequence[str]) -> str:
         rows.append(
             f"| {s.target} | {s.workload} | {s.connections} | {s.rps:,.0f}"
             f" | {s.rps_min:,.0f}-{s.rps_max:,.0f} | {s.p50_us / 1e3:.3f} | {s.p99_us / 1e3:.3f}"
-            f" | {_fmt(added, '+.3f')} | {_fmt(s.cpu_us_per_request, '.0f')}"
+            f" | {_ms(s.p999_us)} | {_ms(s.max_us)} | {_fmt(added, '+.3f')}"
+            f" | {_fmt(s.cpu_us_per_request, '.0f')}"
             f" | {_percent(s.cpu_utilization)} | {_percent(s.cores_utilization)}"
             f" | {s.non_2xx} / {s.socket_errors} |"
         )
@@ -682,6 +947,8 @@ RATIOS = (
     ("naive", "nginx"),
     ("nginx", "direct"),
     ("modelgate-shadow", "nginx-mirror"),
+    ("modelgate-canaries", "modelgate-nocanaries"),
+    ("modelgate-nocanaries", "nginx"),
 )
 # CPU per request is the steadier figure on a shared machine: a neighbour that steals the
 # proxy's core lowers its req/s but not the CPU it spends per request.
@@ -689,7 +956,11 @@ CPU_RATIOS = (
     ("modelgate", "nginx"),
     ("modelgate", "naive"),
     ("modelgate-shadow", "nginx-mirror"),
+    ("modelgate-canaries", "modelgate-nocanaries"),
 )
+# Latency quantiles, top over bottom (the canaries' cost is in the tail if anywhere).
+LATENCY_RATIOS = (("modelgate-canaries", "modelgate-nocanaries"),)
+LATENCIES = (("p50", "p50_us"), ("p99", "p99_us"), ("p99.9", "p999_us"), ("max", "max_us"))
 
 
 def ratios(summaries: list[Summary]) -> list[dict[str, Any]]:
@@ -712,12 +983,26 @@ def ratios(summaries: list[Summary]) -> list[dict[str, Any]]:
             cpu_a = a.cpu_us_per_request if a else None
             cpu_b = b.cpu_us_per_request if b else None
             row[f"{top}/{bottom} CPU/req"] = cpu_a / cpu_b if cpu_a and cpu_b else None
+        for top, bottom in LATENCY_RATIOS:
+            a, b = (
+                by_key.get((top, workload, connections)),
+                by_key.get((bottom, workload, connections)),
+            )
+            for label, key in LATENCIES:
+                lat_a = getattr(a, key) if a else None
+                lat_b = getattr(b, key) if b else None
+                row[f"{top}/{bottom} {label}"] = lat_a / lat_b if lat_a and lat_b else None
         out.append(row)
     return out
 
 
 def ratios_table(rows: list[dict[str, Any]]) -> str:
     names = [f"{t}/{b} req/s" for t, b in RATIOS] + [f"{t}/{b} CPU/req" for t, b in CPU_RATIOS]
+    names += [f"{t}/{b} {label}" for t, b in LATENCY_RATIOS for label, _ in LATENCIES]
+    # Only the ratios this run measured.
+    names = [n for n in names if any(row.get(n) is not None for row in rows)]
+    if not names:
+        return "no ratio: the run lacks both targets of every pair"
     lines = [
         "| workload | conns | " + " | ".join(names) + " |",
         "|---|---:|" + "---:|" * len(names),
@@ -858,6 +1143,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="command that starts modelgate (default: modelgate, else python -m modelgate)",
     )
+    parser.add_argument(
+        "--canaries",
+        type=int,
+        default=20,
+        help="experiments (with a canary each in modelgate-canaries) in the canary targets",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument(
         "--leak-check",
@@ -887,6 +1178,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not methods or set(methods) - {"GET", "POST"}:
         parser.error(f"--methods must be GET and/or POST, got {args.methods!r}")
     args.methods = methods
+    if args.canaries < 1:
+        parser.error("--canaries must be >= 1")
     if args.duration <= 0 or args.rounds < 0 or args.threads < 1 or min(args.connections) < 1:
         parser.error("-d must be > 0, --rounds >= 0, -t >= 1 and every --connections >= 1")
     return args
@@ -929,8 +1222,10 @@ def bench_main(args: argparse.Namespace, env: dict[str, str], tmp: Path, procs: 
     bench = Bench(args, tmp, procs)
     load_start = _loadavg()
     scripts = {"GET": tmp / "get.lua", "POST": tmp / "post.lua"}
-    scripts["GET"].write_text(wrk_script("GET", None))
-    scripts["POST"].write_text(wrk_script("POST", bench.body))
+    # With a canary target in the run, every target gets the same traffic over its routes.
+    paths = args.canaries if set(args.targets) & set(CANARY_TARGETS) else 0
+    scripts["GET"].write_text(wrk_script("GET", None, paths))
+    scripts["POST"].write_text(wrk_script("POST", bench.body, paths))
     runner = Runner(scripts, args.threads, args.load_cpus, args.proxy_cpus, pin=procs.pin)
     try:
         upstream_port = bench.start_upstream()
@@ -945,7 +1240,12 @@ def bench_main(args: argparse.Namespace, env: dict[str, str], tmp: Path, procs: 
     for target in targets:
         if args.warmup > 0:
             runner.run(target, Workload("POST", max(args.connections)), args.warmup)
-    runs = run_rounds(bench, runner, targets, workloads)
+        hold(target, True)
+    try:
+        runs = run_rounds(bench, runner, targets, workloads)
+    finally:
+        for target in targets:
+            hold(target, False)
     summaries = summarize(runs)
     ratio_rows = ratios(summaries)
     leaks = []
@@ -970,6 +1270,8 @@ def bench_main(args: argparse.Namespace, env: dict[str, str], tmp: Path, procs: 
         f" {args.rounds} rounds round-robin over targets, medians;"
         " upstream: nginx `return 200` of a 13-byte JSON body;"
         f" POST body {POST_BYTES} bytes; x-user-id cycles over {USERS:,} users"
+        + (f", requests spread over the routes /c0/ .. /c{paths - 1}/" if paths else "")
+        + "; p99.9 and max from wrk's done() hook"
     )
     command = " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(f"- command: python benchmarks/proxy_bench.py {command}")
@@ -980,6 +1282,18 @@ def bench_main(args: argparse.Namespace, env: dict[str, str], tmp: Path, procs: 
     )
     for target in targets:
         print(f"- {target.name}: {target.note}")
+    for s in summaries:
+        if s.threads_cpu_s:
+            print(
+                f"- {s.target} {s.workload} c{s.connections}: CPU seconds per run by thread"
+                f" (medians; {args.duration} s runs): {s.threads_cpu_s}"
+            )
+        if s.canaries is not None:
+            print(
+                f"- {s.target} {s.workload} c{s.connections}: GET /canaries late in each run:"
+                f" at least {s.canaries_judged_min} of {s.canaries} canaries had judged"
+                " (a last evaluation with check results) during the run"
+            )
     for name, reason in bench.skipped.items():
         print(f"- {name}: SKIPPED ({reason.splitlines()[0] if reason else 'no reason'})")
     if summaries:

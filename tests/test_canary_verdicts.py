@@ -169,3 +169,23 @@ def test_the_sample_ratio_guard_counts_units_and_keeps_its_running_p_value() -> 
     again = unit_srm_guard(view((80, 20)), SPEC, evidence(arms), found["p_value"])
     assert again is not None and again["p_value"] == found["p_value"] and again["mismatch"]
     assert math.isfinite(found["p_value"])
+
+
+def test_no_error_on_either_arm_is_not_proof_of_a_low_error_rate() -> None:
+    """0 errors in 100 requests against 0 in 12000: the delta method alone has variance 0
+    and a zero-width interval; the binomial floor at the smoothed rate makes it wait, as a
+    candidate failing 2% of requests shows no error in 100 about 13% of the time."""
+    zero = {
+        name: Requests(np.arange(n), np.zeros(n), np.full(n, 20.0))
+        for name, n in (("control", 12000), ("candidate", 100))
+    }
+    spec = CanarySpec.model_validate(
+        {**SPEC.model_dump(), "checks": [{"metric": "error_rate", "max_increase": 0.01}]}
+    )
+    (result,) = judge_evidence(spec, evidence(zero))
+    assert result.outcome == "wait", result
+    assert result.numbers["ci"][1] > 0.01
+    # With ten times the candidate's requests, still no error, it passes.
+    zero["candidate"] = Requests(np.arange(3000), np.zeros(3000), np.full(3000, 20.0))
+    (result,) = judge_evidence(spec, evidence(zero))
+    assert result.outcome == "pass", result

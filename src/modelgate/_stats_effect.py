@@ -225,14 +225,28 @@ def unit_ratio_test(
     *,
     sequential: bool = False,
     tuning: float = DEFAULT_TUNING,
+    events: bool = False,
 ) -> EffectResult:
     """A ratio metric sum(x) / sum(y) across units (clicks per request: x = the unit's
     clicks, y = its requests), its variance by the delta method over units, so that heavy
-    units count as the correlated clusters they are."""
+    units count as the correlated clusters they are.
+
+    `events`: x counts 0/1 events among y trials (errors among requests). Each arm's variance
+    is then at least the binomial one at the smoothed rate (x + 1) / (y + 2) over its trials
+    (Laplace's rule): without it an arm with no event at all has variance 0, and two such arms
+    a zero-width interval, which would "prove" any limit after a handful of requests."""
     level, tune = checked(a, b, alpha, sequential, tuning)
     ra, va = _ratio_variance(a, "a")
     rb, vb = _ratio_variance(b, "b")
+    if events:
+        va, vb = max(va, _binomial_floor(a)), max(vb, _binomial_floor(b))
     return effect("ratio", ra, rb, va, vb, a.count, b.count, level, tune)
+
+
+def _binomial_floor(s: UnitStats) -> float:
+    trials = s.sum_y
+    smoothed = (s.sum_x + 1.0) / (trials + 2.0)
+    return smoothed * (1.0 - smoothed) / trials
 
 
 def cuped_test(

@@ -24,7 +24,7 @@ from modelgate.analysis_load import FEEDBACK_COLUMNS, load_tables
 from modelgate.analysis_sql import SINCE, experiment_query, quote
 from modelgate.stats import UnitStats
 
-__all__ = ["AnalysisEngine", "AnalysisError", "ExperimentUnits"]
+__all__ = ["AnalysisEngine", "AnalysisError", "ExperimentUnits", "experiment_units"]
 
 
 # What the query reads of the feedback, held as two tables (by unit, by request id) that
@@ -111,6 +111,12 @@ class AnalysisEngine:
     def id_of(self, column: str, name: str) -> str | int:
         """What the tables hold for a name (a query's parameter): its id, or the name."""
         return self._id(column, name)
+
+    def fetch_columns(self, sql: str, parameters: dict[str, Any]) -> dict[str, Any]:
+        """A query's result as numpy columns (modelgate.analysis_system's queries, which the
+        Spark engine runs too)."""
+        columns: dict[str, Any] = self.connection.execute(sql, parameters).fetchnumpy()
+        return columns
 
     def _id(self, column: str, name: str) -> str | int:
         """What the tables hold for a name: its id (-1, matching nothing, when unknown)."""
@@ -255,29 +261,7 @@ class AnalysisEngine:
             row["metric"] = self._name("metric", row["metric"])
             if row["denominator"] not in (None, "exposures", "values") and "metric" in self.names:
                 row["denominator"] = self._name("metric", int(row["denominator"]))
-        design = self.designs.get(experiment, {})
-        seen = sorted({str(r["variant"]) for r in rows if r["variant"] is not None})
-        variants = list(design.get("variants", [])) + [
-            v for v in seen if v not in design.get("variants", [])
-        ]
-        result = ExperimentUnits(experiment, variants, {v: UnitStats() for v in variants})
-        result.switched.update({v: 0 for v in variants})
-        for row in rows:
-            kind, variant, metric = row["kind"], row["variant"], row["metric"]
-            if kind == "units":
-                result.exposures[variant] = _stats(row)
-                result.switched[variant] = int(row["nonzero_x"])
-            elif kind == "excluded":
-                result.excluded[metric] = (int(row["units"]), int(row["n_values"]))
-            elif kind == "ambiguous":
-                result.ambiguous[metric] = int(row["n_values"])
-            else:
-                key = (metric, row["denominator"])
-                per_variant = result.metrics.setdefault(key, {v: UnitStats() for v in variants})
-                per_variant[variant] = _stats(row)
-                counted = result.values.setdefault(metric, {v: 0 for v in variants})
-                counted[variant] = int(row["n_values"])
-        return result
+        return experiment_units(experiment, self.designs.get(experiment, {}), rows)
 
     def binary_metrics(self, experiment: str, since_ns: int | None = None) -> dict[str, bool]:
         """Per metric of the experiment's feedback: True when every value is 0 or 1. A
@@ -305,6 +289,36 @@ class AnalysisEngine:
 
     def close(self) -> None:
         self.connection.close()
+
+
+def experiment_units(
+    experiment: str, design: dict[str, Any], rows: Sequence[dict[str, Any]]
+) -> ExperimentUnits:
+    """The rows of `experiment_query` (names resolved) as ExperimentUnits: one function for
+    every engine that runs the query (DuckDB here, Spark in modelgate.analysis_spark), so
+    their results cannot differ in how they are read."""
+    seen = sorted({str(r["variant"]) for r in rows if r["variant"] is not None})
+    variants = list(design.get("variants", [])) + [
+        v for v in seen if v not in design.get("variants", [])
+    ]
+    result = ExperimentUnits(experiment, variants, {v: UnitStats() for v in variants})
+    result.switched.update({v: 0 for v in variants})
+    for row in rows:
+        kind, variant, metric = row["kind"], row["variant"], row["metric"]
+        if kind == "units":
+            result.exposures[variant] = _stats(row)
+            result.switched[variant] = int(row["nonzero_x"])
+        elif kind == "excluded":
+            result.excluded[metric] = (int(row["units"]), int(row["n_values"]))
+        elif kind == "ambiguous":
+            result.ambiguous[metric] = int(row["n_values"])
+        else:
+            key = (metric, row["denominator"])
+            per_variant = result.metrics.setdefault(key, {v: UnitStats() for v in variants})
+            per_variant[variant] = _stats(row)
+            counted = result.values.setdefault(metric, {v: 0 for v in variants})
+            counted[variant] = int(row["n_values"])
+    return result
 
 
 _EMPTY = {

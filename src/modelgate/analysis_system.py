@@ -10,7 +10,7 @@ file of the older layout); an error is a 5xx or no answer at all.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -18,10 +18,9 @@ import numpy.typing as npt
 from modelgate.exposure import FLAG_ENROLLED, FLAG_MEASURED
 
 if TYPE_CHECKING:
-    from modelgate.analysis_engine import AnalysisEngine
     from modelgate.stats import UnitStats
 
-__all__ = ["Latencies", "SystemUnits", "system_units"]
+__all__ = ["ColumnsEngine", "Latencies", "SystemUnits", "system_units"]
 
 _MEASURED = f"(flags & {FLAG_MEASURED}) <> 0"
 # Per unit and variant: measured requests, errors and latency since `since`, and what came
@@ -42,6 +41,15 @@ SELECT variant, unit_hash, latency_us FROM exposures
 WHERE experiment = $experiment AND ts_ns >= $since
   AND (flags & {FLAG_ENROLLED | FLAG_MEASURED}) = {FLAG_ENROLLED | FLAG_MEASURED}
 """
+
+
+class ColumnsEngine(Protocol):
+    """What the queries need of an engine: DuckDB's (AnalysisEngine) or Spark's
+    (modelgate.analysis_spark), which translates the text."""
+
+    def id_of(self, column: str, name: str) -> str | int: ...
+
+    def fetch_columns(self, sql: str, parameters: dict[str, Any]) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -68,13 +76,13 @@ class SystemUnits:
 
 
 def system_units(
-    engine: AnalysisEngine,
+    engine: ColumnsEngine,
     experiment: str,
     variants: list[str] | tuple[str, ...],
     since_ns: int = 0,
     step_ns: int = 0,
 ) -> SystemUnits:
-    """Runs both queries on the engine's connection (the caller holds it alone)."""
+    """Runs both queries on the engine (the caller holds its connection alone)."""
     from modelgate.stats import UnitStats
 
     parameters = {
@@ -82,9 +90,9 @@ def system_units(
         "since": since_ns,
         "step": step_ns,
     }
-    units = engine.connection.execute(_UNITS_SQL, parameters).fetchnumpy()
+    units = engine.fetch_columns(_UNITS_SQL, parameters)
     del parameters["step"]
-    rows = engine.connection.execute(_LATENCY_SQL, parameters).fetchnumpy()
+    rows = engine.fetch_columns(_LATENCY_SQL, parameters)
     found = SystemUnits()
     for variant in variants:
         key = engine.id_of("variant", variant)

@@ -10,7 +10,11 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from modelgate.analysis_engine import AnalysisEngine
+    from modelgate.analysis_spark import SparkAnalysisEngine
 
 __all__ = [
     "AnalyzeError",
@@ -102,40 +106,81 @@ def event_results_from_logs(
     return results, timelines, dict(data.join)
 
 
+def _open_engine(
+    log_dir: str, engine: str, spark_master: str | None, parquet_out: str | None
+) -> AnalysisEngine | SparkAnalysisEngine:
+    """The engine over `log_dir`: record files or their Parquet roll-up (an `exposures/`
+    subdirectory), on DuckDB or on Spark (which also reads a roll-up at a URI). With
+    `parquet_out`, record files are rolled up there first and the roll-up is read."""
+    from modelgate.analysis_engine import AnalysisEngine
+    from modelgate.analysis_load import write_parquet
+
+    if engine == "spark":
+        from modelgate.analysis_spark import DEFAULT_MASTER, SparkAnalysisEngine
+
+        master = spark_master or DEFAULT_MASTER
+        return SparkAnalysisEngine.open(log_dir, master=master, parquet_out=parquet_out)
+    if not Path(log_dir).is_dir():
+        raise AnalyzeError(f"--logs {log_dir}: not a directory")
+    if parquet_out is not None and not _is_roll_up(log_dir):
+        write_parquet(log_dir, parquet_out)
+        return AnalysisEngine.from_parquet(parquet_out)
+    if _is_roll_up(log_dir):
+        return AnalysisEngine.from_parquet(log_dir)
+    return AnalysisEngine.from_logs(log_dir)
+
+
+def _is_roll_up(path: str) -> bool:
+    """A Parquet roll-up (modelgate.analysis_load.write_parquet) rather than a log_dir."""
+    return (Path(path) / "exposures").is_dir()
+
+
 def results_from_logs(
-    log_dir: str, experiment: str | None, config: str | None, *, timelines: bool = True
+    log_dir: str,
+    experiment: str | None,
+    config: str | None,
+    *,
+    timelines: bool = True,
+    engine: str = "duckdb",
+    spark_master: str | None = None,
+    parquet_out: str | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], dict[str, int]]:
     """Results over units from the files (the analysis engine, issue 13), the timelines of
-    the HTML report (per event; only when `timelines`), and the values no enrolled exposure
-    claims (`excluded`) and those dropped because their request id tail was exposed to
-    several units or variants (`ambiguous`), summed over metrics."""
-    from modelgate.analysis_engine import AnalysisEngine, AnalysisError
+    the HTML report (per event; only when `timelines` and `log_dir` holds record files),
+    and the values no enrolled exposure claims (`excluded`) and those dropped because their
+    request id tail was exposed to several units or variants (`ambiguous`), summed over
+    metrics. `log_dir`: record files or their Parquet roll-up; `engine`: "duckdb" or
+    "spark" (then also a roll-up at a URI Spark reads); `parquet_out`: roll the record
+    files up there first and read that."""
+    from modelgate.analysis_engine import AnalysisError
+    from modelgate.analysis_spark import SparkUnavailable
     from modelgate.analysis_system import system_units
     from modelgate.unit_results import ratio_pairs, unit_results
 
-    if not Path(log_dir).is_dir():
-        raise AnalyzeError(f"--logs {log_dir}: not a directory")
     try:
-        engine = AnalysisEngine.from_logs(log_dir)
+        units_engine = _open_engine(log_dir, engine, spark_master, parquet_out)
+    except SparkUnavailable as exc:
+        raise AnalyzeError(str(exc)) from exc
     except AnalysisError as exc:
         raise AnalyzeError(f"--logs {exc}") from exc
     try:
-        designs = _designs(log_dir, engine.designs, config)
+        designs = _designs(log_dir, units_engine.designs, config)
         names = _names(designs, experiment)
         results = []
         excluded = ambiguous = 0
         for name in names:
-            if name not in engine.experiments():
+            if name not in units_engine.experiments():
                 raise AnalyzeError(f"--logs {log_dir}: no exposure records of experiment {name!r}")
-            units = engine.query(name, ratio_pairs(designs[name]))
-            system = system_units(engine, name, units.variants)
-            results.append(unit_results(designs[name], units, engine.binary_metrics(name), system))
+            units = units_engine.query(name, ratio_pairs(designs[name]))
+            system = system_units(units_engine, name, units.variants)
+            binary = units_engine.binary_metrics(name)
+            results.append(unit_results(designs[name], units, binary, system))
             excluded += sum(n for _, n in units.excluded.values())
             ambiguous += sum(units.ambiguous.values())
     finally:
-        engine.close()
+        units_engine.close()
     plots: dict[str, dict[str, Any]] = {}
-    if timelines:
+    if timelines and Path(log_dir).is_dir() and not _is_roll_up(log_dir):
         from modelgate.analyze_logs import load_logs, timeline_of
 
         data = load_logs(log_dir)
@@ -378,7 +423,7 @@ def _engine_commands(ns: argparse.Namespace) -> int | None:
         except ImportError as exc:
             raise AnalyzeError(str(exc)) from exc
         return 0
-    if ns.parquet is not None:
+    if ns.parquet is not None and ns.engine is None:  # with --engine: rolled, then analysed
         if ns.logs is None:
             raise AnalyzeError("--parquet OUT needs --logs DIR (the records to roll up)")
         if not Path(ns.logs).is_dir():
@@ -405,6 +450,13 @@ def run(ns: argparse.Namespace) -> int:
     if ns.admin is None and ns.logs is None:
         print("modelgate analyze: give --admin URL or --logs DIR (or both)", file=sys.stderr)
         return 2
+    if ns.engine == "spark" and (ns.admin is not None or ns.per_event):
+        print(
+            "modelgate analyze: --engine spark analyses --logs over units; not with --admin "
+            "or --per-event",
+            file=sys.stderr,
+        )
+        return 2
     timelines: dict[str, dict[str, Any]] | None = None
     try:
         if ns.admin is not None:
@@ -428,10 +480,17 @@ def run(ns: argparse.Namespace) -> int:
             )
         else:
             results, timelines, counts = results_from_logs(
-                ns.logs, ns.experiment, ns.config, timelines=ns.html is not None
+                ns.logs,
+                ns.experiment,
+                ns.config,
+                timelines=ns.html is not None,
+                engine=ns.engine or "duckdb",
+                spark_master=ns.spark_master,
+                parquet_out=ns.parquet,
             )
+            on = "Spark" if ns.engine == "spark" else "DuckDB"
             source = (
-                f"recomputed over units from {ns.logs} (DuckDB); feedback values that no "
+                f"recomputed over units from {ns.logs} ({on}); feedback values that no "
                 f"enrolled exposure claims: {counts['excluded']}; dropped as ambiguous (a "
                 f"request id tail of several units or variants): {counts['ambiguous']}"
             )
@@ -455,7 +514,26 @@ def run(ns: argparse.Namespace) -> int:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin", metavar="URL", help="a running gateway's admin API")
-    parser.add_argument("--logs", metavar="DIR", help="a log_dir with exposure and feedback files")
+    parser.add_argument(
+        "--logs",
+        metavar="DIR",
+        help="a log_dir with exposure and feedback files, or their Parquet roll-up (with "
+        "--engine spark also at a URI Spark reads: s3a://, hdfs://, file://)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["duckdb", "spark"],
+        default=None,
+        help="the SQL engine of the analysis over units: duckdb (embedded, the default) or "
+        "spark (needs the 'spark' extra and Java); with --parquet OUT the records are rolled "
+        "up into OUT first and the engine reads that",
+    )
+    parser.add_argument(
+        "--spark-master",
+        metavar="URL",
+        default=None,
+        help="with --engine spark: the Spark master (default: local[2], Spark on this machine)",
+    )
     parser.add_argument("--experiment", metavar="NAME", help="one experiment (default: all)")
     parser.add_argument("--token", help=f"the admin API's bearer token (default: ${TOKEN_ENV})")
     parser.add_argument(
@@ -476,7 +554,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parquet",
         metavar="OUT",
-        help="with --logs: roll the records into Parquet files partitioned by experiment and date",
+        help="with --logs: roll the records into Parquet files partitioned by experiment and "
+        "date (and only that, unless --engine is given)",
     )
     parser.add_argument(
         "--sql",

@@ -10,8 +10,11 @@ server over a fleet, `MetricsSource`; judged per window by modelgate.canary_judg
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -86,6 +89,33 @@ def _judge(
     for either."""
     evidence = source.evidence(view, metrics, began, step_began)
     return evidence, unit_srm_guard(view, spec, evidence, srm_p), judge_evidence(spec, evidence)
+
+
+# The judging thread's nice value: on a core the proxy shares with it, the kernel runs the
+# event loop first and the judging in the time the loop leaves (Linux nices threads one by
+# one; elsewhere the thread keeps the process's priority).
+JUDGE_NICE = 19
+_judges: concurrent.futures.ThreadPoolExecutor | None = None
+_judges_lock = threading.Lock()
+
+
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), JUDGE_NICE)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed
+        log.debug("canary judging thread keeps its priority: %s", exc)
+
+
+def judge_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that reads and judges the canaries' evidence, at the lowest priority:
+    judging never takes the CPU from the requests it judges, and waits when they need it."""
+    global _judges
+    with _judges_lock:
+        if _judges is None:
+            _judges = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="modelgate-canary-judge", initializer=_lower_priority
+            )
+        return _judges
 
 
 def _when(ts: float) -> str:
@@ -311,8 +341,16 @@ class Canary:
         evidence = self.evidence
         began, step_began = self.began or self.step_began, self.step_began
         try:
-            seen = await asyncio.to_thread(
-                _judge, view, self.spec, evidence, metrics, began, step_began, self.srm_p
+            seen = await asyncio.get_running_loop().run_in_executor(
+                judge_executor(),
+                _judge,
+                view,
+                self.spec,
+                evidence,
+                metrics,
+                began,
+                step_began,
+                self.srm_p,
             )
         except (CanaryError, AnalysisError, OSError) as exc:
             await self._no_numbers(elapsed, error=str(exc))

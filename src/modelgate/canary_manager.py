@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelgate.canary import Canary, CanaryError, poll_interval
 from modelgate.canary_judge import ExperimentView, experiment_view
-from modelgate.canary_records import RecordEvidence
+from modelgate.canary_records import RecordEvidence, warm_up
 from modelgate.canary_sources import CanaryCollector, local_totals
 from modelgate.config import route_experiments
 from modelgate.control import ReloadError
@@ -51,6 +51,9 @@ class CanaryManager:
         self.target = ControlTarget(control)
         self.records = RecordEvidence(control.config.log_dir)
         self._task: asyncio.Task[None] | None = None
+        views = self.views().values()
+        if any(v.canary is not None and v.canary.source == "local" for v in views):
+            warm_up()  # at start-up, not in the first judgement's thread
 
     def views(self) -> dict[str, ExperimentView]:
         """Every experiment of the running config that has a canary."""

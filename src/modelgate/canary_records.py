@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from modelgate.canary_judge import ExperimentView
     from modelgate.stats import UnitStats
 
-__all__ = ["REFRESH_S", "Evidence", "EvidenceSource", "Latencies", "RecordEvidence"]
+__all__ = ["REFRESH_S", "Evidence", "EvidenceSource", "Latencies", "RecordEvidence", "warm_up"]
 
 REFRESH_S = 1.0  # the records are flushed once a second: reading more often shows nothing new
 
@@ -72,25 +72,24 @@ class RecordEvidence:
         self._as_of = 0.0
 
     def _current(self) -> tuple[AnalysisEngine, float]:
-        """The engine, refreshed when older than REFRESH_S (under the lock: one refresh for
-        every canary that asks at once)."""
-        with self._lock:
-            now = time.monotonic()
-            if self._engine is None or now - self._read_at >= REFRESH_S:
-                engine = self._open(self.log_dir)
-                if self._engine is not None:
-                    self._engine.close()
-                self._engine, self._read_at = engine, now
-                self._as_of = time.time()
-            return self._engine, self._as_of
+        """The engine, refreshed when older than REFRESH_S (the caller holds the lock)."""
+        now = time.monotonic()
+        if self._engine is None or now - self._read_at >= REFRESH_S:
+            engine = self._open(self.log_dir)
+            if self._engine is not None:
+                self._engine.close()
+            self._engine, self._read_at, self._as_of = engine, now, time.time()
+        return self._engine, self._as_of
 
     def evidence(
         self, view: ExperimentView, metrics: Sequence[str], since: float, step: float
     ) -> Evidence:
         from modelgate.analysis_engine import AnalysisError
 
-        engine, as_of = self._current()
-        with self._lock:  # a DuckDB connection runs one query at a time
+        # One lock over the refresh and the queries: a DuckDB connection runs one query at
+        # a time, and no other caller may close the engine under this one.
+        with self._lock:
+            engine, as_of = self._current()
             system = system_units(
                 engine, view.name, view.variants, int(since * 1e9), int(step * 1e9)
             )
@@ -119,6 +118,19 @@ class RecordEvidence:
             if self._engine is not None:
                 self._engine.close()
                 self._engine = None
+
+
+def warm_up() -> None:
+    """Imports what the first look needs: the engine (DuckDB) and pandas, which pyarrow
+    imports the first time it converts an array (~0.4 s). Called at start-up; else the first
+    judgement imports them in its thread, holding the GIL and the import lock for most of
+    that time while the loop serves requests (the proxy bench's max latency showed it)."""
+    import numpy as np
+    import pyarrow as pa
+
+    import modelgate.analysis_engine  # noqa: F401
+
+    pa.array(np.zeros(1, np.int64))
 
 
 def _fresh_engine(log_dir: str) -> AnalysisEngine:

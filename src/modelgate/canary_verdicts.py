@@ -169,7 +169,7 @@ def _ratio_check(
     short = _enough(a, b)
     if short is not None:
         return _wait(check, short)
-    test = unit_ratio_test(a, b, level, sequential=True, tuning=spec.sequential_tuning)
+    test = unit_ratio_test(a, b, level, sequential=True, tuning=spec.sequential_tuning, events=True)
     half = _one_arm_halfwidth(b, level, spec.sequential_tuning)
     outcome, detail = _verdicts(
         check, test, test.estimate_b + half, test.estimate_b - half, unit=""
@@ -188,7 +188,8 @@ def _one_arm_halfwidth(s: UnitStats, level: float, tuning: float) -> float:
     """Half-width of the candidate's own ratio's confidence sequence (delta method)."""
     r = s.mean_x / s.mean_y
     var = max(0.0, s.var_x - 2.0 * r * s.cov_xy + r * r * s.var_y) / (s.mean_y * s.mean_y)
-    se = math.sqrt(var / s.count)
+    smoothed = (s.sum_x + 1.0) / (s.sum_y + 2.0)  # as unit_ratio_test(events=True)
+    se = math.sqrt(max(var / s.count, smoothed * (1.0 - smoothed) / s.sum_y))
     return cs_halfwidth(se, s.count, level, tuning) if se > 0.0 else 0.0
 
 

@@ -203,7 +203,11 @@ def guardrails(
         head = {"variant": variant, "control": control}
         arm_e, arm_l = system.errors.get(variant, UnitStats()), system.latency.get(variant)
         comparisons.append(
-            {"metric": "error_rate", **head, **_test(unit_ratio_test, analysis, base_e, arm_e)}
+            {
+                "metric": "error_rate",
+                **head,
+                **_test(unit_ratio_test, analysis, base_e, arm_e, events=True),
+            }
         )
         comparisons.append(
             {
