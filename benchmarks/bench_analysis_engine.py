@@ -3,6 +3,10 @@ million exposure and 10 million feedback records of 1 million units, in the real
 format (modelgate.record_synth), with DuckDB on one thread pinned to one CPU; the time of the
 query and the process's peak memory (VmHWM, reset before the engine loads). The target is
 under 2 s and 1 GiB. The same path at 100k records is a test (tests/test_analysis_engine.py).
+The live engine (modelgate.analysis_live, what GET /experiments/{name} uses) is measured as
+that endpoint runs it (a refresh that finds nothing new, the query, the binary-metrics
+scan), and its refresh after 1% more records (a new file of each kind, then grown), against
+its full load in the same run.
 
 Run: python -m pytest benchmarks/bench_analysis_engine.py --benchmark-enable -p no:cacheprovider -s
 (MODELGATE_BENCH_SCALE=0.1 for a tenth of the records; the files are generated once, in a
@@ -21,6 +25,9 @@ from typing import Any
 import pytest
 
 from modelgate.analysis_engine import AnalysisEngine
+from modelgate.analysis_live import close_live_engines, live_engine
+from modelgate.exposure import EXPOSURE_DTYPE
+from modelgate.feedbacklog import FEEDBACK_DTYPE
 
 SCALE = float(os.environ.get("MODELGATE_BENCH_SCALE", "1"))
 RECORDS, UNITS = int(10_000_000 * SCALE), int(1_000_000 * SCALE)
@@ -89,3 +96,88 @@ def test_engine_query_over_parquet(benchmark: Any, record_dir: Path) -> None:
             f"write_parquet({str(record_dir)!r}, {str(rolled)!r})\n"
         )
     _measure(benchmark, AnalysisEngine.from_parquet, rolled, "Parquet roll-up")
+
+
+def _grow(source: Path, target: Path, dtype: Any, records: int, day_ns: int) -> None:
+    """Appends `records` records like those of `source` (a day later) to `target`, created
+    with `source`'s sidecar: as a writer's open file grows."""
+    import numpy as np
+
+    data = np.fromfile(source, dtype=dtype, count=records)
+    data["ts_ns"] += np.uint64(day_ns)
+    if not target.exists():
+        target.with_suffix(".json").write_bytes(source.with_suffix(".json").read_bytes())
+    with open(target, "ab") as out:
+        out.write(data.tobytes())
+
+
+def test_live_engine_as_the_endpoint_runs_it(benchmark: Any, record_dir: Path) -> None:
+    benchmark.group = "analysis engine: one experiment"
+    from modelgate.admin_results import _from_logs
+
+    _reset_peak()
+    live = live_engine(record_dir, threads=1)  # the one GET /experiments uses
+    start = time.perf_counter()
+    full = live.refresh()
+    loaded = time.perf_counter() - start
+    design = {"name": "ranker", "variants": ["control", "candidate"], "weights": [1, 1]}
+
+    def endpoint() -> Any:  # GET /experiments/{name}: refresh, queries, statistics
+        return _from_logs(str(record_dir), [dict(design, control="control", analysis={})])
+
+    benchmark.pedantic(endpoint, rounds=3, iterations=1)
+    cpu = time.process_time()
+    endpoint()
+    cpu = time.process_time() - cpu
+    peak = _peak_kib()
+    query_s, query_cpu = [], time.process_time()
+    for _ in range(3):  # the per-unit query alone, as the raw engine's figures above
+        start = time.perf_counter()
+        result = live.query("ranker")
+        query_s.append(time.perf_counter() - start)
+    query_cpu = (time.process_time() - query_cpu) / 3
+
+    # 1% more records: a new file of each kind, read; then those files grow, read again.
+    added = {
+        (record_dir / f"{p}-20261202T000000.000000Z-p9999-0001.bin", d): p
+        for p, d in (("exposure", EXPOSURE_DTYPE), ("feedback", FEEDBACK_DTYPE))
+    }
+    steps = []
+    try:
+        for _ in range(2):
+            for (target, dtype), prefix in added.items():
+                source = sorted(record_dir.glob(f"{prefix}-*.bin"))[0]
+                _grow(source, target, dtype, RECORDS // 200, 86_400 * 10**9)
+            start = time.perf_counter()
+            step = live.refresh()
+            steps.append(time.perf_counter() - start)
+            assert step.records == 2 * (RECORDS // 200) and step.read == 2
+        after = live.query("ranker")
+    finally:
+        for target, _ in added:
+            target.unlink(missing_ok=True)
+            target.with_suffix(".json").unlink(missing_ok=True)
+    assert sum(after.units.values()) >= sum(result.units.values())
+    ratio = sum(steps) / loaded
+    benchmark.extra_info.update(
+        {
+            "load_s": round(loaded, 3),
+            "endpoint_cpu_s": round(cpu, 3),
+            "query_s": round(min(query_s), 3),
+            "query_cpu_s": round(query_cpu, 3),
+            "peak_rss_mib": round(peak / 1024),
+            "records": RECORDS,
+            "refresh_1pct_s": [round(s, 3) for s in steps],
+            "refresh_1pct_over_load": round(ratio, 4),
+        }
+    )
+    print(
+        f"\nlive engine: {RECORDS} exposures + {RECORDS} feedback, {UNITS} units: load "
+        f"{loaded:.2f} s ({full.files} files), endpoint min {benchmark.stats.stats.min:.2f} s "
+        f"(CPU {cpu:.2f} s), query alone min {min(query_s):.2f} s (CPU {query_cpu:.2f} s), "
+        f"peak RSS {peak / 1024:.0f} MiB; +1% records: refresh "
+        f"{steps[0]:.3f} s (new files) + {steps[1]:.3f} s (grown) = {ratio:.1%} of the load; "
+        f"units per variant {result.units}"
+    )
+    assert sum(result.units.values()) > 0.5 * UNITS
+    close_live_engines()

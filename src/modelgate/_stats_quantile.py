@@ -47,6 +47,10 @@ def _unit_codes(units: npt.ArrayLike, size: int) -> tuple[npt.NDArray[np.intp], 
     raw = np.asarray(units)
     if raw.ndim != 1 or raw.size != size:
         raise ValueError(f"units must give one unit id per value: {raw.size} ids, {size} values")
+    if size and raw.dtype.kind in "iu" and 0 <= raw.min() and raw.max() < size:
+        counts = np.bincount(raw)
+        if counts.all():  # already codes 0..k-1, each used (a caller's): no sort
+            return raw.astype(np.intp, copy=False), int(counts.size)
     _, codes = np.unique(raw, return_inverse=True)
     return codes.astype(np.intp), int(codes.max()) + 1 if size else 0
 

@@ -8,7 +8,6 @@ share.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,16 +45,19 @@ FLUSH_LAG_S = 1.0
 
 
 def _from_logs(log_dir: str, designs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per-unit results of each design from the records in log_dir (blocking: a thread)."""
-    from modelgate.analysis_engine import AnalysisEngine, ExperimentUnits
+    """Per-unit results of each design from the records in log_dir (blocking: a thread).
+    The process's live engine for log_dir reads only what is new since its last refresh."""
+    from modelgate.analysis_engine import ExperimentUnits
+    from modelgate.analysis_live import live_engine
     from modelgate.analysis_system import system_units
     from modelgate.stats import UnitStats
     from modelgate.unit_results import ratio_pairs, unit_results
 
-    as_of = datetime.fromtimestamp(time.time() - FLUSH_LAG_S, UTC).isoformat(timespec="seconds")
     note = f"records reach log_dir within {FLUSH_LAG_S:g} s (the writers flush once a second)"
-    engine = AnalysisEngine.from_logs(log_dir, threads=1)
-    try:
+    with live_engine(log_dir, threads=1).snapshot() as (engine, refresh):
+        # The refresh began after this call: it saw what was flushed a lag before it began.
+        as_of = datetime.fromtimestamp(refresh.started - FLUSH_LAG_S, UTC)
+        stamp = as_of.isoformat(timespec="seconds")
         out = []
         for design in designs:
             name = design["name"]
@@ -69,10 +71,8 @@ def _from_logs(log_dir: str, designs: list[dict[str, Any]]) -> list[dict[str, An
                 units = ExperimentUnits(name, variants, {v: UnitStats() for v in variants})
                 binary = {}
             found = unit_results(design, units, binary, system)
-            out.append({**found, "source": "logs", "as_of": as_of, "as_of_note": note})
+            out.append({**found, "source": "logs", "as_of": stamp, "as_of_note": note})
         return out
-    finally:
-        engine.close()
 
 
 def _logged(config: GatewayConfig) -> bool:

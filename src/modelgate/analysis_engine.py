@@ -18,25 +18,25 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from modelgate.analysis_load import FEEDBACK_COLUMNS, load_tables
-from modelgate.analysis_sql import experiment_query, quote
+from modelgate.analysis_sql import SINCE, experiment_query, quote
 from modelgate.stats import UnitStats
 
 __all__ = ["AnalysisEngine", "AnalysisError", "ExperimentUnits", "experiment_units"]
 
 
 # What the query reads of the feedback, held as two tables (by unit, by request id) that
-# one view joins: 11 bytes a record less than the files hold, 16 more for most records.
-ENGINE_FEEDBACK_COLUMNS = tuple(
-    c for c in FEEDBACK_COLUMNS if c not in ("ts_ns", "variant", "flags")
-)
+# one view joins: 3 bytes a record less than the files hold, 16 more for most records.
+ENGINE_FEEDBACK_COLUMNS = tuple(c for c in FEEDBACK_COLUMNS if c not in ("variant", "flags"))
 _FEEDBACK_VIEW = """CREATE VIEW feedback AS
-SELECT experiment, metric, unit_hash, 0::BIGINT AS rid_hi, 0::BIGINT AS rid_lo, value,
+SELECT experiment, metric, ts_ns, unit_hash, 0::BIGINT AS rid_hi, 0::BIGINT AS rid_lo, value,
   0::UTINYINT AS flags
 FROM feedback_by_unit
 UNION ALL
-SELECT experiment, metric, 0::BIGINT, rid_hi, rid_lo, value, 2::UTINYINT FROM feedback_by_request
+SELECT experiment, metric, ts_ns, 0::BIGINT, rid_hi, rid_lo, value, 2::UTINYINT
+FROM feedback_by_request
 """
 
 
@@ -94,8 +94,10 @@ class AnalysisEngine:
         designs: dict[str, dict[str, Any]],
         source: str,
         names: dict[str, list[str]] | None = None,
+        partial: bool = False,
     ) -> None:
         self.connection = connection
+        self.partial = partial  # over partial aggregates (experiment_query's `partial`)
         self.designs = designs
         self.source = source
         self.names = names or {}  # column -> names by id, where the tables hold ids
@@ -148,13 +150,50 @@ class AnalysisEngine:
         tables = load_tables(path, feedback_columns=ENGINE_FEEDBACK_COLUMNS, split_feedback=True)
         exposures, by_unit, by_request, names = tables.as_ids()  # sharing its buffers
         assert by_request is not None
+        source = f"{tables.files} record files in {path}"
+        return cls.from_tables(
+            exposures, by_unit, by_request, names, tables.designs, source, threads, memory_limit
+        )
+
+    @classmethod
+    def from_tables(
+        cls,
+        exposures: pa.Table,
+        by_unit: pa.Table,
+        by_request: pa.Table,
+        names: dict[str, list[str]],
+        designs: dict[str, dict[str, Any]],
+        source: str,
+        threads: int | None = None,
+        memory_limit: str | None = None,
+    ) -> AnalysisEngine:
+        """Over Arrow tables whose name columns hold ids into `names` (DuckDB reads them in
+        place, no copy): the exposures and the feedback by unit and by request id, as
+        `load_tables(..., split_feedback=True).as_ids()` gives them."""
         connection = cls._connect(threads, memory_limit)
         connection.register("exposures", exposures)
         connection.register("feedback_by_unit", by_unit)
         connection.register("feedback_by_request", by_request)
         connection.execute(_FEEDBACK_VIEW)
-        source = f"{tables.files} record files in {path}"
-        return cls(connection, tables.designs, source, names)
+        return cls(connection, designs, source, names)
+
+    @classmethod
+    def from_partials(
+        cls,
+        tables: dict[str, pa.Table],
+        names: dict[str, list[str]],
+        designs: dict[str, dict[str, Any]],
+        source: str,
+        threads: int | None = None,
+        memory_limit: str | None = None,
+    ) -> AnalysisEngine:
+        """Over the partial aggregates that modelgate.analysis_live keeps (`exposure_units`,
+        `feedback_units`), the exposures' claims (`exposures`) and `feedback_by_request`,
+        name columns as ids into `names`; read in place."""
+        connection = cls._connect(threads, memory_limit)
+        for name, table in tables.items():
+            connection.register(name, table)
+        return cls(connection, designs, source, names, partial=True)
 
     @classmethod
     def from_parquet(
@@ -192,16 +231,29 @@ class AnalysisEngine:
             self._known = sorted(set(self.designs) | found)
         return self._known
 
-    def query(self, experiment: str, ratios: Sequence[tuple[str, str]] = ()) -> ExperimentUnits:
-        """Runs the experiment's query; `ratios`: (metric, denominator metric) pairs."""
+    def query(
+        self,
+        experiment: str,
+        ratios: Sequence[tuple[str, str]] = (),
+        since_ns: int | None = None,
+    ) -> ExperimentUnits:
+        """Runs the experiment's query; `ratios`: (metric, denominator metric) pairs;
+        `since_ns`: only the records with ts_ns >= it (a canary's, since it started)."""
         if experiment not in self.experiments():
             raise AnalysisError(
                 f"no experiment named {experiment!r} in {self.source} "
                 f"(found: {', '.join(self.experiments()) or 'none'})"
             )
         pairs = [(self._id("metric", m), self._id("metric", d)) for m, d in ratios]
-        parameter = {"experiment": self._id("experiment", experiment)}
-        cursor = self.connection.execute(experiment_query(pairs), parameter)
+        parameter: dict[str, Any] = {"experiment": self._id("experiment", experiment)}
+        if since_ns is not None:
+            parameter["since"] = since_ns
+        if since_ns is not None and self.partial:
+            raise AnalysisError("this engine's records are bounded in time when read")
+        sql = experiment_query(
+            pairs, since=None if since_ns is None else SINCE, partial=self.partial
+        )
+        cursor = self.connection.execute(sql, parameter)
         columns = [d[0] for d in cursor.description or ()]
         rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
         for row in rows:
@@ -211,14 +263,27 @@ class AnalysisEngine:
                 row["denominator"] = self._name("metric", int(row["denominator"]))
         return experiment_units(experiment, self.designs.get(experiment, {}), rows)
 
-    def binary_metrics(self, experiment: str) -> dict[str, bool]:
+    def binary_metrics(self, experiment: str, since_ns: int | None = None) -> dict[str, bool]:
         """Per metric of the experiment's feedback: True when every value is 0 or 1. A
         metric without a declared kind is then analysed as a proportion (modelgate.results
         decides the same from the live moments)."""
+        parameter: dict[str, Any] = {"experiment": self._id("experiment", experiment)}
+        bound = ""
+        if since_ns is not None:
+            if self.partial:
+                raise AnalysisError("this engine's records are bounded in time when read")
+            parameter["since"], bound = since_ns, f" AND ts_ns >= {SINCE}"
+        source, test = "feedback", "bool_and(value = 0 OR value = 1)"
+        if self.partial:  # each partial says whether its values were all 0 or 1
+            source = (
+                "(SELECT experiment, metric, zero_one FROM feedback_units UNION ALL "
+                "SELECT experiment, metric, value = 0 OR value = 1 FROM feedback_by_request) AS f"
+            )
+            test = "bool_and(zero_one)"
         cursor = self.connection.execute(
-            "SELECT metric, bool_and(value = 0 OR value = 1) FROM feedback "
-            "WHERE experiment = $experiment GROUP BY metric",
-            {"experiment": self._id("experiment", experiment)},
+            f"SELECT metric, {test} FROM {source} "
+            f"WHERE experiment = $experiment{bound} GROUP BY metric",
+            parameter,
         )
         return {str(self._name("metric", m)): bool(b) for m, b in cursor.fetchall()}
 

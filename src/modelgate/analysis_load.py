@@ -73,7 +73,7 @@ class RecordTables:
         )
 
 
-class _Names:
+class NameIds:
     """One dictionary per names table across files: a file's ids map to global ids."""
 
     def __init__(self) -> None:
@@ -103,6 +103,30 @@ def _field(data: np.ndarray, name: str, dtype: Any = None, skip: int = 0) -> np.
     return np.ascontiguousarray(view)
 
 
+def file_columns(
+    data: np.ndarray,
+    sidecar: Mapping[str, Any],
+    tables: Mapping[str, str],
+    wanted: Sequence[str],
+    shared: dict[str, NameIds],
+) -> dict[str, np.ndarray]:
+    """One file's records as the `wanted` columns: names as global ids (through `shared`,
+    sidecar table -> its global names), hashes as int64, the request id's tail as two
+    int64 halves. Also what modelgate.analysis_live keeps of each file it has read."""
+    out = {}
+    for column in wanted:
+        if column + "_id" in tables:
+            names = shared.setdefault(tables[column + "_id"], NameIds())
+            remap = names.remap(sidecar[tables[column + "_id"]])
+            out[column] = remap[_field(data, column + "_id")]
+        elif column in ("rid_hi", "rid_lo"):
+            skip = 8 if column == "rid_lo" else 0
+            out[column] = _field(data, "request_id", "<i8", skip)
+        else:
+            out[column] = _field(data, column, "<i8" if column in _AS_INT64 else None)
+    return out
+
+
 def _columns(
     path: str | os.PathLike[str],
     prefix: str,
@@ -110,13 +134,13 @@ def _columns(
     tables: Mapping[str, str],
     wanted: Sequence[str],
     designs: dict[str, dict[str, Any]],
-    shared: dict[str, _Names],
+    shared: dict[str, NameIds],
     by_request: bool | None = None,
 ) -> tuple[pa.Table, int]:
     """`shared`: sidecar table -> its global names, one for both kinds of records, so an
     experiment has the same id among exposures and feedback. `by_request`: only the
     feedback by request id (True) or by unit (False)."""
-    names = {field: shared.setdefault(table, _Names()) for field, table in tables.items()}
+    names = {field: shared.setdefault(table, NameIds()) for field, table in tables.items()}
     chunks: dict[str, list[np.ndarray]] = {column: [] for column in wanted}
     files = 0
     for _, data, sidecar in iter_record_files(path, prefix, dtype, tables):
@@ -124,16 +148,8 @@ def _columns(
         designs.update(sidecar.get("meta", {}).get("experiments", {}))
         if by_request is not None:
             data = data[((data["flags"] & FLAG_BY_REQUEST_ID) != 0) == by_request]
-        for column in wanted:
-            if column + "_id" in tables:
-                ids = _field(data, column + "_id")
-                remap = names[column + "_id"].remap(sidecar[tables[column + "_id"]])
-                chunks[column].append(remap[ids])
-            elif column in ("rid_hi", "rid_lo"):
-                skip = 8 if column == "rid_lo" else 0
-                chunks[column].append(_field(data, "request_id", "<i8", skip))
-            else:
-                chunks[column].append(_field(data, column, "<i8" if column in _AS_INT64 else None))
+        for column, array in file_columns(data, sidecar, tables, wanted, shared).items():
+            chunks[column].append(array)
         del data
     arrays = []
     for column in wanted:
@@ -145,13 +161,13 @@ def _columns(
             kind: pa.DataType = pa.dictionary(pa.uint16(), pa.string())
         else:
             parts = [pa.array(c) for c in chunks[column]]
-            kind = parts[0].type if parts else pa.from_numpy_dtype(_empty_dtype(column, dtype))
+            kind = parts[0].type if parts else pa.from_numpy_dtype(empty_dtype(column, dtype))
         arrays.append(pa.chunked_array(parts, type=kind))
         chunks[column].clear()  # the Arrow arrays hold the memory now
     return pa.table(arrays, names=list(wanted)), files
 
 
-def _empty_dtype(column: str, dtype: np.dtype[Any]) -> np.dtype[Any]:
+def empty_dtype(column: str, dtype: np.dtype[Any]) -> np.dtype[Any]:
     if column in _AS_INT64 or column.startswith("rid_"):
         return np.dtype("<i8")
     return np.dtype(dtype[column])
@@ -170,7 +186,7 @@ def load_tables(
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path}: not a directory")
     designs: dict[str, dict[str, Any]] = {}
-    shared: dict[str, _Names] = {}
+    shared: dict[str, NameIds] = {}
     exposures, n = _columns(
         path, "exposure", EXPOSURE_DTYPE, EXPOSURE_NAMES, EXPOSURE_COLUMNS, designs, shared
     )

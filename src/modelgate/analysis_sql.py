@@ -24,7 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["DIALECTS", "PARAMETER", "experiment_query", "for_dialect", "quote"]
+__all__ = [
+    "DIALECTS",
+    "PARAMETER",
+    "SINCE",
+    "experiment_query",
+    "for_dialect",
+    "quote",
+]
 
 DIALECTS = ("bigquery", "snowflake", "clickhouse", "spark", "trino")
 PARAMETER = "$experiment"  # DuckDB's named parameter; a literal in printed queries
@@ -37,15 +44,38 @@ _MOMENTS = """count(*) AS units,
 # Subqueries, not CTEs: a CTE read twice is materialized (DuckDB), which costs more than
 # scanning the Arrow columns again.
 _EXPOSED = """(SELECT unit_hash, variant, ts_ns, rid_hi, rid_lo FROM exposures
-    WHERE experiment = {experiment} AND (flags & 1) = 1)"""
+    WHERE experiment = {experiment} AND (flags & 1) = 1{since})"""
 _CLAIMS = """(SELECT unit_hash, variant, rid_hi, rid_lo, flags FROM exposures
-    WHERE experiment = {experiment})"""
+    WHERE experiment = {experiment}{since})"""
 _FEEDBACK = """(SELECT metric, unit_hash, rid_hi, rid_lo, value FROM feedback
-    WHERE experiment = {experiment} AND (flags & 2) = {by_request})"""
+    WHERE experiment = {experiment} AND (flags & 2) = {by_request}{since})"""
+SINCE = "$since"  # DuckDB's named parameter of the optional lower bound on ts_ns
+# The same query over partial aggregates (modelgate.analysis_live keeps them per chunk of a
+# record file): per (experiment, unit) the first enrolled exposure's variant and ts_ns, the
+# exposures and the lowest and highest variant; per (experiment, unit, metric) the sum and
+# number of values by unit. The raw rows are the partials of one record each.
+_EXPOSED_PARTIAL = """(SELECT unit_hash, variant, ts_ns, exposures, low, high FROM exposure_units
+    WHERE experiment = {experiment})"""
+_BY_UNIT_PARTIAL = """(SELECT metric, unit_hash, value, n FROM feedback_units
+    WHERE experiment = {experiment})"""
+_BY_REQUEST_TABLE = """(SELECT metric, rid_hi, rid_lo, value FROM feedback_by_request
+    WHERE experiment = {experiment})"""
+_ASKED_RAW = "(rid_hi, rid_lo) IN (SELECT rid_hi, rid_lo FROM {by_request} AS f)"
+# One 8-byte key instead of two (a hash table half the size, probed faster): a superset of
+# the asked ids' claims, whose extra groups no feedback joins on both halves.
+_ASKED_XOR = "xor(rid_hi, rid_lo) IN (SELECT xor(rid_hi, rid_lo) FROM {by_request} AS f)"
+_RAW = {"exposure_count": "count(*)", "low": "variant", "high": "variant", "n": "", "one": ""}
+_PARTIAL = {
+    "exposure_count": "sum(exposures)",
+    "low": "low",
+    "high": "high",
+    "n": ", n",
+    "one": ", 1 AS n",
+}
 
 _HEAD = """WITH units AS (  -- enrolled units; a unit's variant is its first enrolled exposure's
-  SELECT unit_hash, arg_min(variant, ts_ns) AS variant, count(*) AS exposures,
-    CASE WHEN min(variant) <> max(variant) THEN 1 ELSE 0 END AS switched
+  SELECT unit_hash, arg_min(variant, ts_ns) AS variant, {exposure_count} AS exposures,
+    CASE WHEN min({low}) <> max({high}) THEN 1 ELSE 0 END AS switched
   FROM {exposed} AS e GROUP BY unit_hash
 ),
 request_units AS (  -- feedback by request id: the unit of the id tail's exposures, which
@@ -54,35 +84,29 @@ request_units AS (  -- feedback by request id: the unit of the id tail's exposur
     CASE WHEN min(unit_hash) <> max(unit_hash) OR min(variant) <> max(variant)
       THEN 1 ELSE 0 END AS ambiguous
   FROM {claims} AS e
-  WHERE (rid_hi, rid_lo) IN (SELECT rid_hi, rid_lo FROM {by_request} AS f)
+  WHERE {asked}
   GROUP BY rid_hi, rid_lo
   HAVING max(flags & 1) = 1 OR min(unit_hash) <> max(unit_hash) OR min(variant) <> max(variant)
 ),
 attributed AS (
-  SELECT metric, unit_hash, value FROM {by_unit} AS f
+  SELECT metric, unit_hash, value{n} FROM {by_unit} AS f
   UNION ALL
-  SELECT f.metric, r.unit_hash, f.value
+  SELECT f.metric, r.unit_hash, f.value{one}
   FROM {by_request} AS f LEFT JOIN request_units AS r
     ON f.rid_hi = r.rid_hi AND f.rid_lo = r.rid_lo
   WHERE coalesce(r.ambiguous, 0) = 0
 ),
 unit_values AS (
-  SELECT unit_hash, metric, sum(value) AS x, count(*) AS n
+  SELECT unit_hash, metric, sum(value) AS x, {value_count} AS n
   FROM attributed GROUP BY unit_hash, metric
 ),
 metrics AS (SELECT DISTINCT metric FROM unit_values),
-per_unit AS (
-  SELECT u.variant, u.unit_hash, u.exposures, m.metric, coalesce(v.x, 0) AS x,
-    coalesce(v.n, 0) AS n
-  FROM units u CROSS JOIN metrics m
-  LEFT JOIN unit_values v ON v.unit_hash = u.unit_hash AND v.metric = m.metric
-),
-per_variant AS (
+{per_unit_cte}per_variant AS (
   SELECT variant, metric, count(*) AS units, avg(x) AS mean_x, var_samp(x) AS var_x,
     avg(exposures) AS mean_e, var_samp(exposures) AS var_e, covar_samp(x, exposures) AS cov_xe,
     avg(n) AS mean_n, var_samp(n) AS var_n, covar_samp(x, n) AS cov_xn,
     sum(CASE WHEN x <> 0 THEN 1 ELSE 0 END) AS nonzero_x, sum(n) AS n_values
-  FROM per_unit GROUP BY variant, metric
+  FROM {per_unit} GROUP BY variant, metric
 )
 SELECT 'units' AS kind, variant, NULL AS metric, NULL AS denominator, count(*) AS units,
   avg(exposures) AS mean_x, NULL AS mean_y, var_samp(exposures) AS var_x, NULL AS var_y,
@@ -96,6 +120,15 @@ UNION ALL
 SELECT 'metric', variant, metric, 'values', units, mean_x, mean_n, var_x, var_n, cov_xn,
   nonzero_x, n_values
 FROM per_variant"""
+
+# Every unit and metric, a unit without values with x = n = 0. A CTE when the ratio pairs read
+# it again, else a subquery: DuckDB materializes every CTE, 1.9M rows for the benchmark's.
+_PER_UNIT = """(
+  SELECT u.variant, u.unit_hash, u.exposures, m.metric, coalesce(v.x, 0) AS x,
+    coalesce(v.n, 0) AS n
+  FROM units u CROSS JOIN metrics m
+  LEFT JOIN unit_values v ON v.unit_hash = u.unit_hash AND v.metric = m.metric
+)"""
 
 _RATIO = """
 UNION ALL
@@ -128,17 +161,40 @@ def quote(name: str | int) -> str:
 
 
 def experiment_query(
-    ratios: Sequence[tuple[str | int, str | int]] = (), experiment: str = PARAMETER
+    ratios: Sequence[tuple[str | int, str | int]] = (),
+    experiment: str = PARAMETER,
+    since: str | None = None,
+    partial: bool = False,
 ) -> str:
     """The query for one experiment; `ratios` adds (metric, denominator metric) pairs beside
     the per-exposure and per-value rows every metric gets. `experiment`: the parameter, or
-    a quoted literal for a query printed for another engine."""
-    by_request = _FEEDBACK.format(experiment=experiment, by_request=2)
+    a quoted literal for a query printed for another engine. `since` (SINCE, or a literal):
+    only records with `ts_ns >= since`, exposures and feedback alike (a canary judges the
+    traffic since it started; feedback by request id of an earlier exposure is excluded).
+    `partial`: over the partial aggregates `exposure_units` and `feedback_units`, the
+    exposures' claims (no ts_ns: such tables are bounded when they are read) and
+    `feedback_by_request`, instead of the raw `exposures` and `feedback`."""
+    if partial and since is not None:
+        raise ValueError("partial aggregates are bounded in time when read, not in the query")
+    bound = f" AND ts_ns >= {since}" if since is not None else ""
+    if partial:
+        by_request = _BY_REQUEST_TABLE.format(experiment=experiment)
+        exposed = _EXPOSED_PARTIAL.format(experiment=experiment)
+        by_unit = _BY_UNIT_PARTIAL.format(experiment=experiment)
+        forms = dict(_PARTIAL, value_count="sum(n)", asked=_ASKED_XOR.format(by_request=by_request))
+    else:
+        by_request = _FEEDBACK.format(experiment=experiment, by_request=2, since=bound)
+        exposed = _EXPOSED.format(experiment=experiment, since=bound)
+        by_unit = _FEEDBACK.format(experiment=experiment, by_request=0, since=bound)
+        forms = dict(_RAW, value_count="count(*)", asked=_ASKED_RAW.format(by_request=by_request))
     sql = _HEAD.format(
-        exposed=_EXPOSED.format(experiment=experiment),
-        claims=_CLAIMS.format(experiment=experiment),
-        by_unit=_FEEDBACK.format(experiment=experiment, by_request=0),
+        exposed=exposed,
+        claims=_CLAIMS.format(experiment=experiment, since=bound),
+        by_unit=by_unit,
         by_request=by_request,
+        per_unit_cte=f"per_unit AS {_PER_UNIT},\n" if ratios else "",
+        per_unit="per_unit" if ratios else f"{_PER_UNIT} AS per_unit",
+        **forms,
     )
     if ratios:
         pairs = " OR ".join(

@@ -54,7 +54,8 @@ class ColumnsEngine(Protocol):
 
 @dataclass(frozen=True)
 class Latencies:
-    """One arm's measured requests: latency in ms and the unit of each (the clusters)."""
+    """One arm's measured requests: latency in ms and the unit of each (the clusters), as a
+    code 0..k-1 over the arm's k units."""
 
     ms: npt.NDArray[np.float64]
     units: npt.NDArray[np.int64]
@@ -108,8 +109,11 @@ def system_units(
         found.step_units[variant] = int((units["step_exposures"][mine] > 0).sum())
         found.step_requests[variant] = int(units["step_measured"][mine].sum())
         picked = rows["variant"] == key
+        # Each request's unit as a code 0..k-1 over the units with a measured request (the
+        # same units): the quantiles' clustering then needs no sort of 10^7 ids per call.
+        known = np.sort(np.asarray(units["unit_hash"][mine][seen], dtype=np.int64))
+        codes = np.searchsorted(known, np.asarray(rows["unit_hash"][picked], dtype=np.int64))
         found.latencies[variant] = Latencies(
-            np.asarray(rows["latency_us"][picked], dtype=np.float64) / 1000.0,
-            np.asarray(rows["unit_hash"][picked], dtype=np.int64),
+            np.asarray(rows["latency_us"][picked], dtype=np.float64) / 1000.0, codes
         )
     return found

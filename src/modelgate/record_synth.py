@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from modelgate.exposure import EXPOSURE_DTYPE, FLAG_ENROLLED, FLAG_FORCED
+from modelgate.exposure import EXPOSURE_DTYPE, FLAG_ENROLLED, FLAG_FORCED, FLAG_MEASURED
 from modelgate.feedbacklog import FEEDBACK_DTYPE, FLAG_BY_REQUEST_ID
 
 __all__ = ["Synthetic", "write_synthetic"]
@@ -96,6 +96,11 @@ def write_synthetic(out: str | os.PathLike[str], spec: Synthetic = Synthetic()) 
     ex["experiment_id"] = (rng.random(spec.exposures) < 0.05) if spec.other_experiment else 0
     forced = rng.random(spec.exposures) < spec.unenrolled
     ex["flags"] = np.where(forced, FLAG_FORCED, FLAG_ENROLLED)
+    # The answer: 1% errors, latency log-normal around 20 ms; 1% of clients left before it.
+    measured = rng.random(spec.exposures) >= 0.01
+    ex["flags"] |= np.where(measured, FLAG_MEASURED, 0).astype(np.uint8)
+    ex["status"] = np.where(measured, np.where(rng.random(spec.exposures) < 0.01, 503, 200), 0)
+    ex["latency_us"] = np.where(measured, rng.lognormal(np.log(20_000), 0.5, spec.exposures), 0)
 
     fb = np.zeros(spec.feedback, dtype=FEEDBACK_DTYPE)
     source = rng.integers(0, spec.exposures, size=spec.feedback)  # heavy units post more

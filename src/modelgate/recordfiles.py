@@ -17,11 +17,17 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["LEGACY_LAYOUTS", "iter_record_files", "read_record_file"]
+__all__ = [
+    "LEGACY_LAYOUTS",
+    "RecordRange",
+    "iter_record_files",
+    "read_record_file",
+    "read_record_range",
+]
 
 log = logging.getLogger("modelgate.recordlog")
 
@@ -68,37 +74,54 @@ def _empty(file: Path) -> bool:
         return False
 
 
-def read_record_file(
+class RecordRange(NamedTuple):
+    """Records `[start, end)` of a file (the whole and named ones) and its sidecar."""
+
+    data: np.ndarray
+    sidecar: dict[str, Any]
+    end: int  # whole records in the file when it was read: where a later read starts
+    torn: int = 0  # bytes of a partial record after them
+
+
+def read_record_range(
     file: Path,
     dtype: np.dtype[Any],
     names: Mapping[str, str] | None = None,
     legacy: Sequence[np.dtype[Any]] = (),
-) -> tuple[np.ndarray, dict[str, Any]] | None:
-    """(records, sidecar) of one file, its whole and named records only; None (with a
-    warning) when the file cannot be read at all. `names`: id field -> sidecar table;
-    `legacy`: older layouts still read, their records converted to `dtype` (fields they
-    lack are zero)."""
+    start: int = 0,
+) -> RecordRange | None:
+    """The records of one file from record `start` on (a reader that follows a growing file
+    reads only its new tail); None (with a warning) when the file cannot be read at all.
+    The size is taken before the sidecar is read: the writer writes the sidecar before the
+    records that need its names, so every record counted is named. A torn last record (a
+    write under way, or a killed writer) is left for a later read."""
     names = names or {}
+    try:
+        size = file.stat().st_size
+    except OSError as exc:
+        log.warning("%s: skipped: unreadable (%s)", file, exc)
+        return None
     found = _sidecar(file, dtype, names, legacy)
     if isinstance(found, str):
-        if _empty(file):
+        if size == 0 or _empty(file):
             return None  # a writer killed between creating the file and its first write
         log.warning("%s: skipped: %s", file, found)
         return None
     sidecar, written = found
+    end = size // written.itemsize
     try:
-        size = file.stat().st_size
-        data = np.fromfile(file, dtype=written, count=size // written.itemsize)
+        data = np.fromfile(
+            file,
+            dtype=written,
+            count=max(end - start, 0),
+            offset=min(start, end) * written.itemsize,
+        )
     except (OSError, ValueError) as exc:
         log.warning("%s: skipped: unreadable (%s)", file, exc)
         return None
-    if size % written.itemsize:
-        log.warning(
-            "%s: ignored a torn last record (%d bytes; %d whole records read)",
-            file,
-            size % written.itemsize,
-            len(data),
-        )
+    torn = size - end * written.itemsize
+    if len(data) < end - start:  # cut back since the stat (a failed write is truncated)
+        end, torn = start + len(data), 0
     if written is not dtype:
         converted = np.zeros(len(data), dtype=dtype)
         for field in written.names or ():
@@ -115,7 +138,30 @@ def read_record_file(
             int((~keep).sum()),
         )
         data = data[keep]
-    return data, sidecar
+    return RecordRange(data, sidecar, end, torn)
+
+
+def read_record_file(
+    file: Path,
+    dtype: np.dtype[Any],
+    names: Mapping[str, str] | None = None,
+    legacy: Sequence[np.dtype[Any]] = (),
+) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """(records, sidecar) of one file, its whole and named records only; None (with a
+    warning) when the file cannot be read at all. `names`: id field -> sidecar table;
+    `legacy`: older layouts still read, their records converted to `dtype` (fields they
+    lack are zero)."""
+    read = read_record_range(file, dtype, names, legacy)
+    if read is None:
+        return None
+    if read.torn:
+        log.warning(
+            "%s: ignored a torn last record (%d bytes; %d whole records read)",
+            file,
+            read.torn,
+            read.end,
+        )
+    return read.data, read.sidecar
 
 
 def iter_record_files(
