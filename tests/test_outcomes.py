@@ -224,7 +224,7 @@ def test_exposure_records_carry_the_answers_status_and_latency(tmp_path: Path) -
     assert len(answered) == 120
     for row in answered:
         if row["variant"] == "candidate":
-            assert row["status"] == 503 and row["latency_us"] >= 30_000
+            assert row["status"] == 503 and row["latency_us"] >= 29_000  # uvloop timers: 1 ms
         else:
             assert row["status"] == 200 and 0 < row["latency_us"] < 30_000
     (gone,) = [r for r in rows if r["status"] is None]

@@ -110,7 +110,7 @@ FROM chunk WHERE (flags & 1) = 1 GROUP BY experiment, unit_hash"""
 _VALUES_SQL = """SELECT experiment, metric, unit_hash, sum(value) AS value, count(*)::BIGINT AS n,
   bool_and(value = 0 OR value = 1) AS zero_one
 FROM chunk GROUP BY experiment, metric, unit_hash"""
-_BOUNDED_KEPT = 8  # time-bounded engines kept (one per running canary)
+_BOUNDED_KEPT = 32  # time-bounded engines kept (one per running canary with feedback checks)
 _MTIME_SLACK_NS = 2 * 10**9
 
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from modelgate.analysis_system import Latencies, system_units
 
 if TYPE_CHECKING:
-    from modelgate.analysis_engine import AnalysisEngine
     from modelgate.canary_judge import ExperimentView
     from modelgate.stats import UnitStats
 
@@ -56,52 +55,45 @@ class EvidenceSource(Protocol):
 
 
 class RecordEvidence:
-    """The records of one log directory (every worker's files), through the analysis
-    engine. `open_engine` builds an engine over the directory as it is now."""
+    """The records of one log directory (every worker's files), through the process's live
+    engine of that directory (modelgate.analysis_live): shared with GET /experiments, read
+    incrementally (only new files and the new tails of grown ones), refreshed at most once
+    per REFRESH_S however many canaries look. The gateway's own metrics are bounded in time
+    by the query; feedback checks read a time-bounded engine of their own (per canary
+    start), since the feedback is held as per-unit partial sums that a query cannot cut."""
 
-    def __init__(
-        self,
-        log_dir: str | os.PathLike[str],
-        open_engine: Callable[[str], AnalysisEngine] | None = None,
-    ) -> None:
+    def __init__(self, log_dir: str | os.PathLike[str]) -> None:
         self.log_dir = str(log_dir)
-        self._open = open_engine or _fresh_engine
         self._lock = threading.Lock()
-        self._engine: AnalysisEngine | None = None
-        self._read_at = -REFRESH_S
-        self._as_of = 0.0
-
-    def _current(self) -> tuple[AnalysisEngine, float]:
-        """The engine, refreshed when older than REFRESH_S (the caller holds the lock)."""
-        now = time.monotonic()
-        if self._engine is None or now - self._read_at >= REFRESH_S:
-            engine = self._open(self.log_dir)
-            if self._engine is not None:
-                self._engine.close()
-            self._engine, self._read_at, self._as_of = engine, now, time.time()
-        return self._engine, self._as_of
+        self._refreshed = -REFRESH_S  # monotonic: the last refresh this source asked for
 
     def evidence(
         self, view: ExperimentView, metrics: Sequence[str], since: float, step: float
     ) -> Evidence:
         from modelgate.analysis_engine import AnalysisError
+        from modelgate.analysis_live import live_engine
 
-        # One lock over the refresh and the queries: a DuckDB connection runs one query at
-        # a time, and no other caller may close the engine under this one.
+        if not os.path.isdir(self.log_dir):
+            raise AnalysisError(f"{self.log_dir}: no records yet (not a directory)")
+        live = live_engine(self.log_dir)
+        since_ns, step_ns = int(since * 1e9), int(step * 1e9)
         with self._lock:
-            engine, as_of = self._current()
-            system = system_units(
-                engine, view.name, view.variants, int(since * 1e9), int(step * 1e9)
-            )
-            feedback: dict[str, dict[str, UnitStats]] = {}
-            if metrics:
-                try:
-                    found = engine.query(view.name)
-                except AnalysisError:
-                    found = None  # no record of the experiment yet
-                for metric in metrics:
-                    stats = found.metrics.get((metric, "values")) if found else None
-                    feedback[metric] = dict(stats) if stats else {}
+            now = time.monotonic()
+            fresh = now - self._refreshed >= REFRESH_S
+            if fresh:
+                self._refreshed = now
+        with live.snapshot(refresh=fresh or live.last is None) as (engine, _):
+            as_of, source = time.time(), engine.source
+            system = system_units(engine, view.name, view.variants, since_ns, step_ns)
+        feedback: dict[str, dict[str, UnitStats]] = {}
+        if metrics:
+            try:
+                found = live.query(view.name, since_ns=since_ns)
+            except AnalysisError:
+                found = None  # no record of the experiment since the canary began
+            for metric in metrics:
+                stats = found.metrics.get((metric, "values")) if found else None
+                feedback[metric] = dict(stats) if stats else {}
         return Evidence(
             system.errors,
             system.latency,
@@ -110,14 +102,11 @@ class RecordEvidence:
             system.step_requests,
             feedback,
             as_of,
-            engine.source,
+            source,
         )
 
     def close(self) -> None:
-        with self._lock:
-            if self._engine is not None:
-                self._engine.close()
-                self._engine = None
+        """The live engine is the process's (close_live_engines drops it)."""
 
 
 def warm_up() -> None:
@@ -131,9 +120,3 @@ def warm_up() -> None:
     import modelgate.analysis_engine  # noqa: F401
 
     pa.array(np.zeros(1, np.int64))
-
-
-def _fresh_engine(log_dir: str) -> AnalysisEngine:
-    from modelgate.analysis_engine import AnalysisEngine
-
-    return AnalysisEngine.from_logs(log_dir, threads=1)
