@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from scipy import stats as sps  # type: ignore[import-untyped]
 
+from modelgate.analysis_system import Latencies, SystemUnits
 from modelgate.canary_judge import ExperimentView
-from modelgate.canary_records import Evidence, Latencies
+from modelgate.canary_records import Evidence
 from modelgate.canary_verdicts import judge_evidence, unit_srm_guard
 from modelgate.config import CanarySpec
 from modelgate.stats import UnitStats
@@ -62,7 +63,7 @@ def evidence(arms: dict[str, Requests], step_units: dict[str, int] | None = None
         latencies[name] = Latencies(r.latency, r.units.astype(np.int64))
     counted = step_units or {name: int(np.unique(r.units).size) for name, r in arms.items()}
     requests = {name: int(r.units.size) for name, r in arms.items()}
-    return Evidence(errors, latency, latencies, counted, requests)
+    return Evidence(SystemUnits(errors, latency, latencies, counted, requests))
 
 
 def looks(rng: np.random.Generator, spec: CanarySpec, heavy: bool, as_requests: bool) -> bool:

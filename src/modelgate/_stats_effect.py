@@ -207,15 +207,21 @@ def unit_proportion_test(
     )
 
 
-def _ratio_variance(s: UnitStats, name: str) -> tuple[float, float]:
+def ratio_estimate(s: UnitStats, name: str = "a", *, events: bool = False) -> tuple[float, float]:
     """sum_x / sum_y of one arm and the variance of that estimate over units by the delta
     method: (var_x - 2 r cov_xy + r^2 var_y) / (n mean_y^2) (Deng, Knoblich & Lu 2018, eq. 4;
-    gbstats' RatioStatistic)."""
+    gbstats' RatioStatistic). `events`: x counts 0/1 events among y trials, and the variance
+    is at least the binomial one at the smoothed rate (x + 1) / (y + 2) over the trials
+    (Laplace's rule): an arm without any event would otherwise have variance 0."""
     if s.mean_y == 0.0:
         raise ValueError(f"arm {name}: the denominator sums to 0 over its units")
     r = s.mean_x / s.mean_y
-    v = (s.var_x - 2.0 * r * s.cov_xy + r * r * s.var_y) / (s.mean_y * s.mean_y)
-    return r, max(0.0, v) / s.count
+    v = max(0.0, s.var_x - 2.0 * r * s.cov_xy + r * r * s.var_y) / (s.mean_y * s.mean_y)
+    variance = v / s.count
+    if events:
+        smoothed = (s.sum_x + 1.0) / (s.sum_y + 2.0)
+        variance = max(variance, smoothed * (1.0 - smoothed) / s.sum_y)
+    return r, variance
 
 
 def unit_ratio_test(
@@ -231,22 +237,13 @@ def unit_ratio_test(
     clicks, y = its requests), its variance by the delta method over units, so that heavy
     units count as the correlated clusters they are.
 
-    `events`: x counts 0/1 events among y trials (errors among requests). Each arm's variance
-    is then at least the binomial one at the smoothed rate (x + 1) / (y + 2) over its trials
-    (Laplace's rule): without it an arm with no event at all has variance 0, and two such arms
-    a zero-width interval, which would "prove" any limit after a handful of requests."""
+    `events`: x counts 0/1 events among y trials (errors among requests), with the variance
+    floor of `ratio_estimate`: two arms without any event would otherwise give a zero-width
+    interval, which would "prove" any limit after a handful of requests."""
     level, tune = checked(a, b, alpha, sequential, tuning)
-    ra, va = _ratio_variance(a, "a")
-    rb, vb = _ratio_variance(b, "b")
-    if events:
-        va, vb = max(va, _binomial_floor(a)), max(vb, _binomial_floor(b))
+    ra, va = ratio_estimate(a, "a", events=events)
+    rb, vb = ratio_estimate(b, "b", events=events)
     return effect("ratio", ra, rb, va, vb, a.count, b.count, level, tune)
-
-
-def _binomial_floor(s: UnitStats) -> float:
-    trials = s.sum_y
-    smoothed = (s.sum_x + 1.0) / (trials + 2.0)
-    return smoothed * (1.0 - smoothed) / trials
 
 
 def cuped_test(

@@ -360,8 +360,8 @@ class Canary:
         evidence_read, srm, results = seen
         spec = self.spec
         samples = {
-            "baseline": evidence_read.step_requests.get(spec.baseline, 0),
-            "candidate": evidence_read.step_requests.get(spec.candidate, 0),
+            "baseline": evidence_read.system.step_requests.get(spec.baseline, 0),
+            "candidate": evidence_read.system.step_requests.get(spec.candidate, 0),
         }
         if min(samples.values()) < spec.min_samples:
             why = f"fewer than min_samples {spec.min_samples} measured requests on an arm"
@@ -374,9 +374,9 @@ class Canary:
             window_s=round(elapsed, 3),
             samples=samples,
             units={
-                v: evidence_read.errors[v].count
+                v: evidence_read.system.errors[v].count
                 for v in (spec.baseline, spec.candidate)
-                if v in evidence_read.errors
+                if v in evidence_read.system.errors
             },
             srm=srm,
             since=_when(began),

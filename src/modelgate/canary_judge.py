@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from modelgate.config import CanaryCheck, CanarySpec, GatewayConfig, route_experiments
 from modelgate.outcomes import LATENCY_BUCKETS_S, latency_quantile
+from modelgate.stats import proportion_test, srm_test, welch_test
 
 __all__ = [
     "DEFAULT_CHECKS",
@@ -21,10 +22,12 @@ __all__ = [
     "Sums",
     "Totals",
     "against",
+    "checks_of",
     "experiment_view",
     "judge",
     "srm_guard",
     "window",
+    "worst",
 ]
 
 Outcome = Literal["pass", "fail", "wait"]
@@ -173,8 +176,6 @@ def srm_guard(view: ExperimentView, spec: CanarySpec, arms: Totals) -> dict[str,
     assign by their own weights: no expectation to test, so None."""
     if view.segments:
         return None
-    from modelgate.stats import srm_test  # scipy: imported on the first judgement, not at start
-
     total = sum(view.weights.values())
     shares = [view.weights[v] / total for v in view.variants]
     if view.sole:
@@ -231,7 +232,7 @@ def against(low: float, high: float, limit: float) -> Outcome:
     return "wait"
 
 
-def _worst(outcomes: list[Outcome]) -> Outcome:
+def worst(outcomes: list[Outcome]) -> Outcome:
     return "fail" if "fail" in outcomes else "wait" if "wait" in outcomes else "pass"
 
 
@@ -243,8 +244,6 @@ def _wilson(x: float, n: float, z: float) -> tuple[float, float]:
 
 
 def _error_rate(check: CanaryCheck, base: Arm, cand: Arm, alpha: float) -> CheckResult:
-    from modelgate.stats import proportion_test
-
     # Two-sided 1 - 2 alpha intervals are one-sided 1 - alpha bounds.
     test = proportion_test(
         round(base.errors),
@@ -266,7 +265,7 @@ def _error_rate(check: CanaryCheck, base: Arm, cand: Arm, alpha: float) -> Check
         z = statistics.NormalDist().inv_cdf(1.0 - alpha)
         low, high = _wilson(round(cand.errors), round(cand.requests), z)
         verdicts.append((f"rate <= {check.max_value:g}", against(low, high, check.max_value)))
-    outcome = _worst([v for _, v in verdicts])
+    outcome = worst([v for _, v in verdicts])
     return CheckResult(
         check.metric,
         outcome,
@@ -317,8 +316,6 @@ def _feedback(check: CanaryCheck, base: Arm, cand: Arm, spec: CanarySpec) -> Che
             b.mean,
             f"{int(a.count)} and {int(b.count)} values; {need} per arm needed",
         )
-    from modelgate.stats import proportion_test, welch_test
-
     numbers: dict[str, Any]
     if a.binary and b.binary:
         prop = proportion_test(
@@ -353,10 +350,15 @@ def _feedback(check: CanaryCheck, base: Arm, cand: Arm, spec: CanarySpec) -> Che
     return CheckResult(check.metric, outcome, a.mean, b.mean, detail, numbers)
 
 
+def checks_of(spec: CanarySpec) -> tuple[CanaryCheck, ...]:
+    """The canary's checks, or the defaults when `checks:` is omitted."""
+    return tuple(spec.checks) if spec.checks is not None else DEFAULT_CHECKS
+
+
 def judge(spec: CanarySpec, base: Arm, cand: Arm) -> list[CheckResult]:
     """Each check's verdict on one window; the caller has seen min_samples on both arms."""
     results = []
-    for check in spec.checks if spec.checks is not None else DEFAULT_CHECKS:
+    for check in checks_of(spec):
         if check.metric == "error_rate":
             results.append(_error_rate(check, base, cand, spec.alpha))
         elif check.is_system:

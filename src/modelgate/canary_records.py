@@ -17,30 +17,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from modelgate.analysis_system import Latencies, system_units
+from modelgate.analysis_system import SystemUnits, system_units
 
 if TYPE_CHECKING:
     from modelgate.canary_judge import ExperimentView
     from modelgate.stats import UnitStats
 
-__all__ = ["REFRESH_S", "Evidence", "EvidenceSource", "Latencies", "RecordEvidence", "warm_up"]
+__all__ = ["REFRESH_S", "Evidence", "EvidenceSource", "RecordEvidence", "warm_up"]
 
 REFRESH_S = 1.0  # the records are flushed once a second: reading more often shows nothing new
 
 
 @dataclass(frozen=True)
 class Evidence:
-    """What a canary judges, per variant. Since the canary began: `errors` (x = the unit's
-    errors, y = its measured requests) and `latency` (x = its latency in ms summed, y = its
-    measured requests) over units, `latencies` per request, `feedback[metric]` (x = the
-    unit's sum of values, y = its number of values). Since the step began: `step_units`
-    (distinct enrolled units, the sample-ratio counts) and `step_requests` (measured)."""
+    """What a canary judges: `system`, the gateway's own metrics per unit since the canary
+    began (and, since the step began, the distinct units and measured requests: the
+    sample-ratio counts and min_samples), and per feedback metric and variant the units'
+    sums of values over their number of values (x = sum, y = count)."""
 
-    errors: dict[str, UnitStats]
-    latency: dict[str, UnitStats]
-    latencies: dict[str, Latencies]
-    step_units: dict[str, int]
-    step_requests: dict[str, int]
+    system: SystemUnits
     feedback: dict[str, dict[str, UnitStats]] = field(default_factory=dict)
     as_of: float = 0.0
     source: str = ""
@@ -94,16 +89,7 @@ class RecordEvidence:
             for metric in metrics:
                 stats = found.metrics.get((metric, "values")) if found else None
                 feedback[metric] = dict(stats) if stats else {}
-        return Evidence(
-            system.errors,
-            system.latency,
-            system.latencies,
-            system.step_units,
-            system.step_requests,
-            feedback,
-            as_of,
-            source,
-        )
+        return Evidence(system, feedback, as_of, source)
 
     def close(self) -> None:
         """The live engine is the process's (close_live_engines drops it)."""

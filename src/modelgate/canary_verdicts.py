@@ -20,7 +20,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from modelgate.canary_judge import DEFAULT_CHECKS, CheckResult, ExperimentView, Outcome, against
+from modelgate.canary_judge import (
+    CheckResult,
+    ExperimentView,
+    Outcome,
+    against,
+    checks_of,
+    worst,
+)
 from modelgate.canary_records import Evidence
 from modelgate.config import CanaryCheck, CanarySpec
 from modelgate.stats import (
@@ -29,13 +36,13 @@ from modelgate.stats import (
     cs_halfwidth,
     quantile_estimate,
     quantile_test,
+    ratio_estimate,
     sequential_srm_test,
     unit_ratio_test,
 )
 
 __all__ = [
     "SRM_CONCENTRATION",
-    "checks_of",
     "feedback_metrics",
     "judge_evidence",
     "unit_srm_guard",
@@ -45,10 +52,6 @@ __all__ = [
 # and at 1000 a 70/30 split against 80/20 alarms (p < 1e-6) within 1000 units, where the
 # experiment's 10000 (tuned for 52/48 over a million) would still be at p = 0.06.
 SRM_CONCENTRATION = 1000.0
-
-
-def checks_of(spec: CanarySpec) -> tuple[CanaryCheck, ...]:
-    return tuple(spec.checks) if spec.checks is not None else DEFAULT_CHECKS
 
 
 def feedback_metrics(spec: CanarySpec) -> list[str]:
@@ -64,7 +67,7 @@ def unit_srm_guard(
     Segments assign by their own weights: no expectation to test, so None."""
     if view.segments:
         return None
-    counts = [evidence.step_units.get(v, 0) for v in view.variants]
+    counts = [evidence.system.step_units.get(v, 0) for v in view.variants]
     weights = [view.weights[v] for v in view.variants]
     if sum(counts) == 0 or sum(weights) <= 0:
         return None
@@ -93,7 +96,9 @@ def judge_evidence(spec: CanarySpec, evidence: Evidence) -> list[CheckResult]:
     results = []
     for check in checks:
         if check.metric == "error_rate":
-            a, b = (evidence.errors.get(v, UnitStats()) for v in (spec.baseline, spec.candidate))
+            a, b = (
+                evidence.system.errors.get(v, UnitStats()) for v in (spec.baseline, spec.candidate)
+            )
             results.append(_ratio_check(check, a, b, spec, level, "rate"))
         elif check.is_system:
             results.append(_quantile_check(check, evidence, spec, level))
@@ -158,9 +163,7 @@ def _verdicts(
     if check.max_value is not None:
         outcome = against(candidate_low * scale, candidate_high * scale, check.max_value)
         verdicts.append((f"value <= {check.max_value:g}{unit}", outcome))
-    outcomes = [v for _, v in verdicts]
-    worst: Outcome = "fail" if "fail" in outcomes else "wait" if "wait" in outcomes else "pass"
-    return worst, ", ".join(f"{what}: {v}" for what, v in verdicts)
+    return worst([v for _, v in verdicts]), ", ".join(f"{what}: {v}" for what, v in verdicts)
 
 
 def _ratio_check(
@@ -185,20 +188,17 @@ def _ratio_check(
 
 
 def _one_arm_halfwidth(s: UnitStats, level: float, tuning: float) -> float:
-    """Half-width of the candidate's own ratio's confidence sequence (delta method)."""
-    r = s.mean_x / s.mean_y
-    var = max(0.0, s.var_x - 2.0 * r * s.cov_xy + r * r * s.var_y) / (s.mean_y * s.mean_y)
-    smoothed = (s.sum_x + 1.0) / (s.sum_y + 2.0)  # as unit_ratio_test(events=True)
-    se = math.sqrt(max(var / s.count, smoothed * (1.0 - smoothed) / s.sum_y))
-    return cs_halfwidth(se, s.count, level, tuning) if se > 0.0 else 0.0
+    """Half-width of the candidate's own rate's confidence sequence."""
+    _, variance = ratio_estimate(s, "candidate", events=True)
+    return cs_halfwidth(math.sqrt(variance), s.count, level, tuning) if variance > 0.0 else 0.0
 
 
 def _quantile_check(
     check: CanaryCheck, evidence: Evidence, spec: CanarySpec, level: float
 ) -> CheckResult:
     q = float(check.metric.removeprefix("latency_p").removesuffix("_ms")) / 100.0
-    base = evidence.latencies.get(spec.baseline)
-    cand = evidence.latencies.get(spec.candidate)
+    base = evidence.system.latencies.get(spec.baseline)
+    cand = evidence.system.latencies.get(spec.candidate)
     if base is None or cand is None:
         return _wait(check, "no latency measured yet")
     try:
