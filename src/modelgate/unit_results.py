@@ -25,6 +25,7 @@ from modelgate.stats import (
     holm,
     quantile_estimate,
     quantile_test,
+    ratio_estimate,
     sequential_srm_test,
     srm_test,
     unit_mean_test,
@@ -84,11 +85,8 @@ def _arm_summary(method: str, stats: UnitStats, values: int) -> dict[str, Any]:
             variance = estimate * (1.0 - estimate)
         elif method == "ratio":
             if stats.mean_y != 0.0:
-                estimate = stats.mean_x / stats.mean_y
-                if n > 1:
-                    r = estimate
-                    v = stats.var_x - 2.0 * r * stats.cov_xy + r * r * stats.var_y
-                    variance = max(0.0, v) / stats.mean_y**2
+                estimate, of_estimate = ratio_estimate(stats)
+                variance = of_estimate * n if n > 1 else None
         else:
             estimate = stats.mean_x
             variance = stats.var_x if n > 1 else None
