@@ -162,6 +162,7 @@ def test_srm_expects_the_weights_and_the_default_for_units_outside_coverage() ->
         ({"prometheus_url": "prom:9090"}, "expected http(s)://host:port of a Prometheus server"),
         ({"candidate": "control", "baseline": "candidate"}, "canary.candidate: must be the last"),
         ({"steps": [0, 50]}, "canary.steps[0]: must be in (0, 100], got 0"),
+        ({"sequential_tuning": 0}, "canary.sequential_tuning: Input should be greater than 0"),
     ],
 )
 def test_canary_config_errors_name_their_key_path(canary: dict[str, Any], error: str) -> None:
