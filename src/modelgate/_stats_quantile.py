@@ -124,6 +124,19 @@ def quantile_test(
     Degrees of freedom and the confidence sequence's n count units, not requests."""
     ea = quantile_estimate(values_a, units_a, q)
     eb = quantile_estimate(values_b, units_b, q)
+    return quantile_difference(ea, eb, alpha, sequential=sequential, tuning=tuning)
+
+
+def quantile_difference(
+    ea: QuantileEstimate,
+    eb: QuantileEstimate,
+    alpha: float = 0.05,
+    *,
+    sequential: bool = False,
+    tuning: float = DEFAULT_TUNING,
+) -> EffectResult:
+    """`quantile_test` from the arms' estimates, when they are at hand already (one arm's
+    estimate serves its comparison with every other arm)."""
     level = probability("alpha", alpha)
     tune = positive("tuning", tuning) if sequential else None
     return effect(

@@ -23,7 +23,12 @@ from ._stats_power import (
     proportion_sample_size,
     sample_size,
 )
-from ._stats_quantile import QuantileEstimate, quantile_estimate, quantile_test
+from ._stats_quantile import (
+    QuantileEstimate,
+    quantile_difference,
+    quantile_estimate,
+    quantile_test,
+)
 from ._stats_sequential import (
     DEFAULT_TUNING,
     SequentialSRMResult,
@@ -55,6 +60,7 @@ __all__ = [
     "cs_halfwidth",
     "cs_p_value",
     "cuped_test",
+    "quantile_difference",
     "quantile_estimate",
     "quantile_test",
     "ratio_estimate",

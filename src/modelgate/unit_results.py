@@ -20,11 +20,12 @@ from modelgate.results import per_arm_needed, with_still_needed
 from modelgate.stats import (
     DEFAULT_TUNING,
     EffectResult,
+    QuantileEstimate,
     UnitStats,
     cuped_test,
     holm,
+    quantile_difference,
     quantile_estimate,
-    quantile_test,
     ratio_estimate,
     sequential_srm_test,
     srm_test,
@@ -170,6 +171,9 @@ def guardrails(
     experiment's alpha, outside the Holm family of the feedback metrics: they guard the
     release, they are not its goal."""
     arms: dict[str, dict[str, Any]] = {}
+    # Per variant and quantile: the clustered estimate, or why the arm is too small for one;
+    # each arm's is taken once, for its row and for its comparisons.
+    estimates: dict[tuple[str, float], QuantileEstimate | str] = {}
     for variant in variants:
         errors = system.errors.get(variant, UnitStats())
         latency = system.latency.get(variant, UnitStats())
@@ -183,20 +187,24 @@ def guardrails(
         }
         for q in QUANTILES:
             key = f"p{q * 100:g}"
+            if per_request is None:
+                estimates[variant, q] = "no measured request"
+                out["latency_ms"][key] = None
+                continue
             try:
-                assert per_request is not None
                 estimate = quantile_estimate(per_request.ms, per_request.units, q)
-                out["latency_ms"][key] = estimate.estimate
-                out["latency_ms"][f"{key}_se"] = estimate.variance**0.5
-            except (AssertionError, ValueError):
-                small = per_request.ms if per_request is not None else ()
-                out["latency_ms"][key] = quantile_of(small, q)
+            except ValueError as exc:
+                estimates[variant, q] = str(exc)
+                out["latency_ms"][key] = quantile_of(per_request.ms, q)
+                continue
+            estimates[variant, q] = estimate
+            out["latency_ms"][key] = estimate.estimate
+            out["latency_ms"][f"{key}_se"] = estimate.variance**0.5
         arms[variant] = out
     comparisons: list[dict[str, Any]] = []
     base_e, base_l = system.errors.get(control), system.latency.get(control)
-    base_r = system.latencies.get(control)
     for variant in variants:
-        if variant == control or base_e is None or base_l is None or base_r is None:
+        if variant == control or base_e is None or base_l is None:
             continue
         head = {"variant": variant, "control": control}
         arm_e, arm_l = system.errors.get(variant, UnitStats()), system.latency.get(variant)
@@ -214,12 +222,12 @@ def guardrails(
                 **_test(unit_ratio_test, analysis, base_l, arm_l or UnitStats()),
             }
         )
-        arm_r = system.latencies.get(variant)
         for q in QUANTILES:
+            ea, eb = estimates[control, q], estimates[variant, q]
             tested = (
-                _test(quantile_test, analysis, base_r.ms, base_r.units, arm_r.ms, arm_r.units, q=q)
-                if arm_r is not None
-                else {"error": "no measured request", "p_value": None}
+                _test(quantile_difference, analysis, ea, eb)
+                if isinstance(ea, QuantileEstimate) and isinstance(eb, QuantileEstimate)
+                else {"error": ea if isinstance(ea, str) else eb, "p_value": None}
             )
             comparisons.append({"metric": f"latency_p{q * 100:g}_ms", **head, **tested})
     return {
