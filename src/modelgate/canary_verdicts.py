@@ -34,8 +34,8 @@ from modelgate.stats import (
     EffectResult,
     UnitStats,
     cs_halfwidth,
+    quantile_difference,
     quantile_estimate,
-    quantile_test,
     ratio_estimate,
     sequential_srm_test,
     unit_ratio_test,
@@ -202,19 +202,11 @@ def _quantile_check(
     if base is None or cand is None:
         return _wait(check, "no latency measured yet")
     try:
-        test = quantile_test(
-            base.ms,
-            base.units,
-            cand.ms,
-            cand.units,
-            q,
-            level,
-            sequential=True,
-            tuning=spec.sequential_tuning,
-        )
+        baseline = quantile_estimate(base.ms, base.units, q)
         own = quantile_estimate(cand.ms, cand.units, q)
     except ValueError as exc:  # too few requests or units for an interval on this quantile
         return _wait(check, str(exc))
+    test = quantile_difference(baseline, own, level, sequential=True, tuning=spec.sequential_tuning)
     half = cs_halfwidth(math.sqrt(own.variance), own.units, level, spec.sequential_tuning)
     outcome, detail = _verdicts(check, test, own.estimate + half, own.estimate - half, unit=" ms")
     return CheckResult(
