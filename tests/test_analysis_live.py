@@ -336,3 +336,45 @@ def test_one_engine_per_directory_and_results_from_it(tmp_path: Path, traffic: T
     assert {k: v for k, v in first[0].items() if k != "as_of"} == {
         k: v for k, v in again[0].items() if k != "as_of"
     }
+
+
+def test_request_ids_resolve_whichever_record_comes_first(tmp_path: Path, traffic: Traffic) -> None:
+    """The live engine resolves feedback by request id as records come: feedback flushed
+    before its exposure (the writers flush apart), the exposure later; a later exposure of
+    the same id to another unit makes it ambiguous; a deleted exposure file takes its
+    claims away. After each step it answers what a fresh engine answers."""
+    live = LiveEngine(tmp_path)
+    traffic.requests(300)
+    live.refresh()
+    early, late = b"feedback-first-1", b"feedback-first-2"
+    unit_a, unit_b = xxh64(b"user-early-a"), xxh64(b"user-early-b")
+    by_request = FLAG_ENROLLED | FLAG_BY_REQUEST_ID
+    for rid in (early, late):
+        traffic.feedback.add(unit_a, 5.0, rid, "ranker", "control", "views", by_request)
+    traffic.flush()
+    live.refresh()
+    _assert_same(live, tmp_path)
+    orphans = live.query("ranker").excluded["views"][1]
+
+    traffic.rotate()
+    measured = FLAG_ENROLLED | FLAG_MEASURED
+    traffic.exposures.add(early, unit_a, "ranker", "control", measured, 200, 900, time.time_ns())
+    traffic.flush()
+    live.refresh()
+    _assert_same(live, tmp_path)
+    assert live.query("ranker").excluded["views"][1] == orphans - 1  # now attributed
+
+    before = live.query("ranker").ambiguous.get("views", 0)
+    traffic.exposures.add(early, unit_b, "ranker", "candidate", measured, 200, 900, time.time_ns())
+    traffic.flush()
+    live.refresh()
+    _assert_same(live, tmp_path)
+    assert live.query("ranker").ambiguous.get("views", 0) == before + 1
+
+    traffic.rotate()
+    (held,) = [p for p in tmp_path.glob("exposure-*.bin") if early in p.read_bytes()]
+    held.unlink()  # retention deletes the file of those two exposures
+    held.with_suffix(".json").unlink()
+    assert live.refresh().dropped == 1
+    _assert_same(live, tmp_path)
+    assert live.query("ranker").excluded["views"][1] == orphans

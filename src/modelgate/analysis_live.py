@@ -43,11 +43,15 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from modelgate.analysis_engine import AnalysisEngine, ExperimentUnits
 from modelgate.analysis_load import NameIds, file_columns
-from modelgate.exposure import EXPOSURE_DTYPE, EXPOSURE_NAMES
+from modelgate.analysis_sql import REQUEST_UNITS
+from modelgate.analysis_system import ERROR, MEASURED
+from modelgate.exposure import EXPOSURE_DTYPE, EXPOSURE_NAMES, FLAG_ENROLLED
 from modelgate.feedbacklog import FEEDBACK_DTYPE, FEEDBACK_NAMES, FLAG_BY_REQUEST_ID
 from modelgate.recordfiles import LEGACY_LAYOUTS, read_record_range
 
@@ -71,15 +75,16 @@ _SCHEMAS = {
             ("latency_us", pa.uint32()),
         ]
     ),
-    "exposure_units": pa.schema(  # per (experiment, unit), over the enrolled exposures
+    "exposure_units": pa.schema(  # per (experiment, unit, variant), the enrolled exposures
         [
             ("experiment", pa.uint16()),
             ("unit_hash", pa.int64()),
-            ("variant", pa.uint16()),  # of the first exposure
+            ("variant", pa.uint16()),
             ("ts_ns", pa.int64()),  # the first exposure's
             ("exposures", pa.int64()),
-            ("low", pa.uint16()),
-            ("high", pa.uint16()),
+            ("measured", pa.int64()),  # and of those measured: errors, latency (1 us) summed
+            ("errors", pa.int64()),
+            ("latency_us", pa.int64()),
         ]
     ),
     "feedback_units": pa.schema(  # per (experiment, metric, unit), feedback by unit
@@ -102,11 +107,31 @@ _SCHEMAS = {
         ]
     ),
 }
+_RESOLVED = pa.schema(  # per (experiment, request id) that feedback asks for: its unit
+    [
+        ("experiment", pa.uint16()),
+        ("rid_hi", pa.int64()),
+        ("rid_lo", pa.int64()),
+        ("unit_hash", pa.int64()),
+        ("ambiguous", pa.int32()),
+    ]
+)
 _EXPOSURE_READ = _SCHEMAS["exposures"].names
 _BY_UNIT_READ = ("experiment", "metric", "unit_hash", "value")
-_UNITS_SQL = """SELECT experiment, unit_hash, arg_min(variant, ts_ns) AS variant,
-  min(ts_ns) AS ts_ns, count(*)::BIGINT AS exposures, min(variant) AS low, max(variant) AS high
-FROM chunk WHERE (flags & 1) = 1 GROUP BY experiment, unit_hash"""
+_UNITS_SQL = f"""SELECT experiment, unit_hash, variant, min(ts_ns) AS ts_ns,
+  count(*)::BIGINT AS exposures, count(*) FILTER (WHERE {MEASURED})::BIGINT AS measured,
+  count(*) FILTER (WHERE {MEASURED} AND {ERROR})::BIGINT AS errors,
+  coalesce(sum(latency_us) FILTER (WHERE {MEASURED}), 0)::BIGINT AS latency_us
+FROM chunk WHERE (flags & {FLAG_ENROLLED}) <> 0 GROUP BY experiment, unit_hash, variant"""
+# The resolved request ids (analysis_sql.REQUEST_UNITS) of every experiment for the id tails
+# in `touched`, from every exposure that carries one.
+_RESOLVE_SQL = REQUEST_UNITS.format(
+    group="experiment, ",
+    claims="(SELECT experiment, unit_hash, variant, rid_hi, rid_lo, flags FROM exposures)",
+    asked="xor(rid_hi, rid_lo) IN (SELECT key FROM touched)",
+)
+_UNTOUCHED_SQL = """SELECT * FROM resolved_requests
+WHERE xor(rid_hi, rid_lo) NOT IN (SELECT key FROM touched)"""
 _VALUES_SQL = """SELECT experiment, metric, unit_hash, sum(value) AS value, count(*)::BIGINT AS n,
   bool_and(value = 0 OR value = 1) AS zero_one
 FROM chunk GROUP BY experiment, metric, unit_hash"""
@@ -139,6 +164,26 @@ class Refresh:
     dropped: int  # files gone since the last refresh
     records: int  # records read
     seconds: float
+
+
+def _tails(table: pa.Table) -> npt.NDArray[np.int64]:
+    """The request id tails of a table's rows as one int64 key each (the xor of the halves,
+    as _RESOLVE_SQL computes it): a superset's key, two tails may share one."""
+    hi = table.column("rid_hi").to_numpy()
+    lo = table.column("rid_lo").to_numpy()
+    return np.asarray(np.bitwise_xor(hi, lo), dtype=np.int64)
+
+
+def _members(keys: npt.NDArray[np.int64], known: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """Which keys are in the sorted `known`: a binary search for a few keys (each refresh's
+    new ones), a hash set for many (the first refresh's)."""
+    if not keys.size or not known.size:
+        return np.zeros(keys.size, bool)
+    if keys.size * 8 < known.size:
+        at = np.minimum(np.searchsorted(known, keys), known.size - 1)
+        return np.asarray(known[at] == keys)
+    found = pc.is_in(pa.array(keys), value_set=pa.array(known))
+    return np.asarray(found.to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def _trim() -> None:
@@ -195,6 +240,12 @@ class LiveEngine:
         self._tables: dict[str, pa.Table] = {}
         self._designs: dict[str, dict[str, Any]] = {}
         self.last: Refresh | None = None
+        # Request ids resolved to units: the id tails (xor of the halves) that feedback asks
+        # for, sorted; the REQUEST_UNITS rows of those tails; what one refresh read anew.
+        self._asked = np.zeros(0, np.int64)
+        self._resolved = _RESOLVED.empty_table()
+        self._new: dict[str, list[pa.Table]] = {}
+        self._reset = True  # exposures were dropped or read again: resolve every id again
 
     # --- reading --------------------------------------------------------------------------
 
@@ -217,6 +268,7 @@ class LiveEngine:
         if not self.log_dir.is_dir():
             raise FileNotFoundError(f"{self.log_dir}: not a directory")
         read = records = dropped = files = 0
+        self._new = {"exposures": [], "feedback_by_request": []}
         for prefix, dtype, names in (
             ("exposure", EXPOSURE_DTYPE, EXPOSURE_NAMES),
             ("feedback", FEEDBACK_DTYPE, FEEDBACK_NAMES),
@@ -236,10 +288,15 @@ class LiveEngine:
                 if new is not None:
                     read += 1
                     records += new
-            dropped += len(known.keys() - current.keys())
+            gone = len(known.keys() - current.keys())
+            dropped += gone
+            self._reset = self._reset or (prefix == "exposure" and gone > 0)
             self._segments[prefix] = current
             files += sum(1 for s in current.values() if s.chunks)
         self._tables = self._assemble()
+        self._resolve()
+        self._tables["resolved_requests"] = self._resolved
+        self._new = {}
         if self._scratch is not None:  # its buffers go back (DuckDB keeps them for reuse)
             self._scratch.close()
             self._scratch = None
@@ -280,6 +337,8 @@ class LiveEngine:
                         pass  # being replaced; the next refresh reads it
             return segment, None
         if segment is None or segment.key != key or st.st_size < segment.size:
+            if segment is not None and segment.chunks.get("exposures"):  # replaced or cut
+                self._reset = True
             segment = _Segment(key, st.st_size, st.st_mtime_ns, side)  # new, replaced, cut
         if self.since_ns is not None and st.st_mtime_ns < self.since_ns - _MTIME_SLACK_NS:
             # Written before the bound: every record's ts_ns is older than its last write
@@ -313,21 +372,27 @@ class LiveEngine:
             self._keep(segment, "feedback_units", self._aggregate(by_unit, _VALUES_SQL))
         return segment, read
 
-    def _aggregate(self, columns: dict[str, np.ndarray], sql: str) -> pa.Table:
-        """A chunk's partial aggregates (DuckDB, on this engine's scratch connection)."""
+    def _connection(self) -> duckdb.DuckDBPyConnection:
+        """This engine's scratch connection, for the work of a refresh."""
         if self._scratch is None:
             self._scratch = duckdb.connect(
                 ":memory:", config={"threads": 1, "preserve_insertion_order": False}
             )
-        chunk = pa.table({name: pa.array(array) for name, array in columns.items()})
-        self._scratch.register("chunk", chunk)
-        try:
-            return self._scratch.sql(sql).to_arrow_table()
-        finally:
-            self._scratch.unregister("chunk")
+        return self._scratch
 
-    @staticmethod
-    def _keep(segment: _Segment, table: str, columns: dict[str, np.ndarray] | pa.Table) -> None:
+    def _aggregate(self, columns: dict[str, np.ndarray], sql: str) -> pa.Table:
+        """A chunk's partial aggregates (DuckDB, on this engine's scratch connection)."""
+        scratch = self._connection()
+        chunk = pa.table({name: pa.array(array) for name, array in columns.items()})
+        scratch.register("chunk", chunk)
+        try:
+            return scratch.sql(sql).to_arrow_table()
+        finally:
+            scratch.unregister("chunk")
+
+    def _keep(
+        self, segment: _Segment, table: str, columns: dict[str, np.ndarray] | pa.Table
+    ) -> None:
         schema = _SCHEMAS[table]
         if isinstance(columns, pa.Table):
             found = columns.select(schema.names).cast(schema)
@@ -335,6 +400,50 @@ class LiveEngine:
             found = pa.table([pa.array(columns[n]) for n in schema.names], schema=schema)
         if found.num_rows:
             segment.chunks.setdefault(table, []).append(found)
+            if table in self._new:
+                self._new[table].append(found)
+
+    def _resolve(self) -> None:
+        """Brings `resolved_requests` up to date with what this refresh read: the id tails
+        that new feedback asks for and those of new exposures that feedback asked for
+        before are resolved again from every exposure (a tail's exposures may come before
+        or after its feedback, and a later exposure can make it ambiguous); the other rows
+        stay. After exposures were dropped or read again, every asked tail is resolved
+        again. Exact: REQUEST_UNITS over every exposure, as the raw query groups them."""
+        asked_new = [_tails(t) for t in self._new["feedback_by_request"]]
+        if self._reset:
+            chunks = [
+                _tails(c)
+                for s in self._segments["feedback"].values()
+                for c in s.chunks.get("feedback_by_request", [])
+            ]
+            self._asked = np.unique(np.concatenate(chunks)) if chunks else np.zeros(0, np.int64)
+            touched = self._asked
+        else:
+            fresh = np.unique(np.concatenate(asked_new)) if asked_new else np.zeros(0, np.int64)
+            fresh = fresh[~_members(fresh, self._asked)]
+            if fresh.size:
+                self._asked = np.sort(np.concatenate([self._asked, fresh]), kind="stable")
+            exposed = [_tails(t) for t in self._new["exposures"]]
+            again = np.concatenate(exposed) if exposed else np.zeros(0, np.int64)
+            again = np.unique(again[_members(again, self._asked)])
+            touched = np.union1d(fresh, again)
+        if not touched.size and not self._reset:
+            return
+        scratch = self._connection()
+        scratch.register("exposures", self._tables["exposures"])
+        scratch.register("touched", pa.table({"key": touched}))
+        scratch.register("resolved_requests", self._resolved)
+        try:
+            found = scratch.sql(_RESOLVE_SQL).to_arrow_table()
+            if not self._reset:
+                kept = scratch.sql(_UNTOUCHED_SQL).to_arrow_table()
+                found = pa.concat_tables([kept.cast(_RESOLVED), found.cast(_RESOLVED)])
+            self._resolved = found.cast(_RESOLVED).combine_chunks()
+        finally:
+            for name in ("exposures", "touched", "resolved_requests"):
+                scratch.unregister(name)
+        self._reset = False
 
     def _assemble(self) -> dict[str, pa.Table]:
         """The tables over every segment's chunks, in file name order (no copy: the
@@ -407,6 +516,7 @@ class LiveEngine:
         with self._lock:
             self._segments = {"exposure": {}, "feedback": {}}
             self._tables = {}
+            self._asked, self._resolved = np.zeros(0, np.int64), _RESOLVED.empty_table()
             bounded, self._bounded = list(self._bounded.values()), OrderedDict()
             if self._scratch is not None:
                 self._scratch.close()

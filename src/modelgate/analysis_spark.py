@@ -157,6 +157,8 @@ class SparkAnalysisEngine:
     designs, source, close) over a Parquet roll-up read by Spark. One query per experiment,
     as over DuckDB, and the gateway's own metrics (modelgate.analysis_system) too."""
 
+    partial = False  # reads the raw records, never partial aggregates
+
     def __init__(
         self,
         session: Any,

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 __all__ = [
     "DIALECTS",
     "PARAMETER",
+    "REQUEST_UNITS",
     "SINCE",
     "experiment_query",
     "for_dialect",
@@ -51,43 +52,47 @@ _FEEDBACK = """(SELECT metric, unit_hash, rid_hi, rid_lo, value FROM feedback
     WHERE experiment = {experiment} AND (flags & 2) = {by_request}{since})"""
 SINCE = "$since"  # DuckDB's named parameter of the optional lower bound on ts_ns
 # The same query over partial aggregates (modelgate.analysis_live keeps them per chunk of a
-# record file): per (experiment, unit) the first enrolled exposure's variant and ts_ns, the
-# exposures and the lowest and highest variant; per (experiment, unit, metric) the sum and
-# number of values by unit. The raw rows are the partials of one record each.
-_EXPOSED_PARTIAL = """(SELECT unit_hash, variant, ts_ns, exposures, low, high FROM exposure_units
+# record file): per (experiment, unit, variant) the enrolled exposures and the first one's
+# ts_ns; per (experiment, unit, metric) the sum and number of values by unit. The raw rows
+# are the partials of one record each.
+_EXPOSED_PARTIAL = """(SELECT unit_hash, variant, ts_ns, exposures FROM exposure_units
     WHERE experiment = {experiment})"""
 _BY_UNIT_PARTIAL = """(SELECT metric, unit_hash, value, n FROM feedback_units
     WHERE experiment = {experiment})"""
 _BY_REQUEST_TABLE = """(SELECT metric, rid_hi, rid_lo, value FROM feedback_by_request
     WHERE experiment = {experiment})"""
 _ASKED_RAW = "(rid_hi, rid_lo) IN (SELECT rid_hi, rid_lo FROM {by_request} AS f)"
-# One 8-byte key instead of two (a hash table half the size, probed faster): a superset of
-# the asked ids' claims, whose extra groups no feedback joins on both halves.
-_ASKED_XOR = "xor(rid_hi, rid_lo) IN (SELECT xor(rid_hi, rid_lo) FROM {by_request} AS f)"
+# The live engine keeps REQUEST_UNITS of every experiment as a table (`resolved_requests`),
+# updated as records come (modelgate.analysis_live): the query reads the experiment's rows.
+_REQUEST_UNITS_TABLE = """SELECT rid_hi, rid_lo, unit_hash, ambiguous FROM resolved_requests
+  WHERE experiment = {experiment}"""
 _RAW = {"exposure_count": "count(*)", "low": "variant", "high": "variant", "n": "", "one": ""}
 _PARTIAL = {
     "exposure_count": "sum(exposures)",
-    "low": "low",
-    "high": "high",
+    "low": "variant",
+    "high": "variant",
     "n": ", n",
     "one": ", 1 AS n",
 }
+
+# Feedback by request id: the unit of the id tail's exposures, which must all be one (unit,
+# variant); otherwise the tail is ambiguous (the logs keep 16 bytes). A tail that only
+# unenrolled exposures claim resolves to no unit. `{group}`: the columns grouped on before the
+# id's halves (none for one experiment's query; `experiment, ` for the live engine's table).
+REQUEST_UNITS = """SELECT {group}rid_hi, rid_lo, min(unit_hash) AS unit_hash,
+    CASE WHEN min(unit_hash) <> max(unit_hash) OR min(variant) <> max(variant)
+      THEN 1 ELSE 0 END AS ambiguous
+  FROM {claims} AS e
+  WHERE {asked}
+  GROUP BY {group}rid_hi, rid_lo
+  HAVING max(flags & 1) = 1 OR min(unit_hash) <> max(unit_hash) OR min(variant) <> max(variant)"""
 
 _HEAD = """WITH units AS (  -- enrolled units; a unit's variant is its first enrolled exposure's
   SELECT unit_hash, arg_min(variant, ts_ns) AS variant, {exposure_count} AS exposures,
     CASE WHEN min({low}) <> max({high}) THEN 1 ELSE 0 END AS switched
   FROM {exposed} AS e GROUP BY unit_hash
 ),
-request_units AS (  -- feedback by request id: the unit of the id tail's exposures, which
-  -- must all be one (unit, variant); otherwise the tail is ambiguous (the logs keep 16 bytes)
-  SELECT rid_hi, rid_lo, min(unit_hash) AS unit_hash,
-    CASE WHEN min(unit_hash) <> max(unit_hash) OR min(variant) <> max(variant)
-      THEN 1 ELSE 0 END AS ambiguous
-  FROM {claims} AS e
-  WHERE {asked}
-  GROUP BY rid_hi, rid_lo
-  HAVING max(flags & 1) = 1 OR min(unit_hash) <> max(unit_hash) OR min(variant) <> max(variant)
-),
+request_units AS ({request_units}),
 attributed AS (
   SELECT metric, unit_hash, value{n} FROM {by_unit} AS f
   UNION ALL
@@ -172,8 +177,9 @@ def experiment_query(
     only records with `ts_ns >= since`, exposures and feedback alike (a canary judges the
     traffic since it started; feedback by request id of an earlier exposure is excluded).
     `partial`: over the partial aggregates `exposure_units` and `feedback_units`, the
-    exposures' claims (no ts_ns: such tables are bounded when they are read) and
-    `feedback_by_request`, instead of the raw `exposures` and `feedback`."""
+    resolved request ids `resolved_requests` (REQUEST_UNITS per experiment) and
+    `feedback_by_request`, instead of the raw `exposures` and `feedback` (no ts_ns: such
+    tables are bounded when they are read)."""
     if partial and since is not None:
         raise ValueError("partial aggregates are bounded in time when read, not in the query")
     bound = f" AND ts_ns >= {since}" if since is not None else ""
@@ -181,15 +187,21 @@ def experiment_query(
         by_request = _BY_REQUEST_TABLE.format(experiment=experiment)
         exposed = _EXPOSED_PARTIAL.format(experiment=experiment)
         by_unit = _BY_UNIT_PARTIAL.format(experiment=experiment)
-        forms = dict(_PARTIAL, value_count="sum(n)", asked=_ASKED_XOR.format(by_request=by_request))
+        request_units = _REQUEST_UNITS_TABLE.format(experiment=experiment)
+        forms = dict(_PARTIAL, value_count="sum(n)")
     else:
         by_request = _FEEDBACK.format(experiment=experiment, by_request=2, since=bound)
         exposed = _EXPOSED.format(experiment=experiment, since=bound)
         by_unit = _FEEDBACK.format(experiment=experiment, by_request=0, since=bound)
-        forms = dict(_RAW, value_count="count(*)", asked=_ASKED_RAW.format(by_request=by_request))
+        request_units = REQUEST_UNITS.format(
+            group="",
+            claims=_CLAIMS.format(experiment=experiment, since=bound),
+            asked=_ASKED_RAW.format(by_request=by_request),
+        )
+        forms = dict(_RAW, value_count="count(*)")
     sql = _HEAD.format(
         exposed=exposed,
-        claims=_CLAIMS.format(experiment=experiment, since=bound),
+        request_units=request_units,
         by_unit=by_unit,
         by_request=by_request,
         per_unit_cte=f"per_unit AS {_PER_UNIT},\n" if ratios else "",
