@@ -41,7 +41,13 @@ def main(log_dir: str, experiment: str = "ranker") -> None:
     for variant in duck.variants:
         _close(_moments(duck_system.errors[variant]), _moments(system.errors[variant]), "err")
         _close(_moments(duck_system.latency[variant]), _moments(system.latency[variant]), "ms")
-        assert duck_system.latencies[variant].ms.size == system.latencies[variant].ms.size
+        mine, theirs = system.quantiles[variant], duck_system.quantiles[variant]
+        assert mine.requests == theirs.requests
+        _close(
+            {q: getattr(e, "estimate", e) for q, e in mine.estimates.items()},
+            {q: getattr(e, "estimate", e) for q, e in theirs.estimates.items()},
+            "quantiles",
+        )
     units = sum(s.count for s in duck.exposures.values())
     print(f"equal to 1e-9: {experiment}, {units} units, {len(duck.metrics)} metric rows")
     spark.close()

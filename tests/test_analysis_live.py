@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from modelgate.analysis_engine import AnalysisEngine
-from modelgate.analysis_live import LiveEngine, live_engine
+from modelgate.analysis_live import LiveEngine, RidKeys, UnitCodes, live_engine
 from modelgate.analysis_system import system_units
 from modelgate.core import xxh64
 from modelgate.exposure import (
@@ -262,8 +262,23 @@ def test_since_bounds_exposures_and_feedback(tmp_path: Path, traffic: Traffic) -
     live = LiveEngine(tmp_path)
     traffic.requests(300)
     since = time.time_ns()
-    traffic.requests(300)
+    traffic.requests(150)
+    step = time.time_ns()
+    traffic.requests(150)
     traffic.close()
+    whole = _fresh(tmp_path)
+    try:  # a canary's own metrics: since it began, and since its current step began
+        with live.bounded(since).snapshot() as (engine, _):
+            for name in ("ranker", "other"):
+                _assert_close(
+                    system_units(engine, name, ["control", "candidate"], since, step),
+                    system_units(whole, name, ["control", "candidate"], since, step),
+                    name,
+                )
+        with live.snapshot() as (engine, _), pytest.raises(ValueError, match="bounds in time"):
+            system_units(engine, "ranker", ["control", "candidate"], since, step)
+    finally:
+        whole.close()
     cut = tmp_path.parent / (tmp_path.name + "-since")
     cut.mkdir()
     for prefix, dtype in (("exposure", EXPOSURE_DTYPE), ("feedback", FEEDBACK_DTYPE)):
@@ -378,3 +393,28 @@ def test_request_ids_resolve_whichever_record_comes_first(tmp_path: Path, traffi
     assert live.refresh().dropped == 1
     _assert_same(live, tmp_path)
     assert live.query("ranker").excluded["views"][1] == orphans
+
+
+def test_request_id_keys_are_one_per_tail_and_secret_per_engine() -> None:
+    """The live engine's 8-byte keys of 16-byte id tails: the same tail gives the same key,
+    a million distinct tails give a million keys, and another engine's secret gives other
+    keys (no client can make two tails collide on purpose)."""
+    rng = np.random.default_rng(5)
+    hi = rng.integers(-(2**63), 2**63 - 1, 1_000_000, dtype=np.int64)
+    lo = rng.integers(-(2**63), 2**63 - 1, 1_000_000, dtype=np.int64)
+    lo[:1000] = 0  # tails that differ in one half only
+    hi[1000:2000] = hi[0]
+    keys = RidKeys()
+    first = keys.key(hi, lo)
+    assert np.array_equal(first, keys.key(hi.copy(), lo.copy()))
+    assert np.unique(first).size == hi.size
+    assert not np.array_equal(first, RidKeys().key(hi, lo))
+    swapped = keys.key(lo, hi)  # the halves are not interchangeable
+    assert np.count_nonzero(swapped == first) == 0
+
+
+def test_unit_codes_keep_a_units_code_and_number_new_ones_after_the_known() -> None:
+    codes = UnitCodes()
+    assert codes.code(np.array([30, 10, 30, 20], dtype=np.int64)).tolist() == [2, 0, 2, 1]
+    assert codes.code(np.array([20, 40, -5, 10], dtype=np.int64)).tolist() == [1, 4, 3, 0]
+    assert len(codes) == 5

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps  # type: ignore[import-untyped]
 
-from modelgate.analysis_system import Latencies, SystemUnits
+from modelgate.analysis_system import ArmQuantiles, SystemUnits
 from modelgate.canary_judge import ExperimentView
 from modelgate.canary_records import Evidence
 from modelgate.canary_verdicts import judge_evidence, unit_srm_guard
@@ -19,6 +19,7 @@ from modelgate.config import CanarySpec
 from modelgate.stats import UnitStats
 
 ARMS = ("control", "candidate")
+LEVELS = (0.5, 0.99)  # the quantiles the checks below judge
 SPEC = CanarySpec(baseline="control", candidate="candidate", steps=[20, 50, 100], min_samples=20)
 
 
@@ -60,7 +61,7 @@ def evidence(arms: dict[str, Requests], step_units: dict[str, int] | None = None
         latency[name] = UnitStats.from_samples(
             np.bincount(r.units, weights=r.latency)[seen], per_unit_n[seen]
         )
-        latencies[name] = Latencies(r.latency, r.units.astype(np.int64))
+        latencies[name] = ArmQuantiles.of(r.latency, r.units, LEVELS)
     counted = step_units or {name: int(np.unique(r.units).size) for name, r in arms.items()}
     requests = {name: int(r.units.size) for name, r in arms.items()}
     return Evidence(SystemUnits(errors, latency, latencies, counted, requests))

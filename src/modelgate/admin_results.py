@@ -65,6 +65,7 @@ def _from_logs(log_dir: str, designs: list[dict[str, Any]]) -> list[dict[str, An
             if name in engine.experiments():
                 units = engine.query(name, ratio_pairs(design))
                 binary = engine.binary_metrics(name)
+                engine.release()  # the query's working memory, before the latencies are read
                 system = system_units(engine, name, units.variants)
             else:  # nobody exposed yet
                 variants = list(design["variants"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,13 +95,18 @@ class AnalysisEngine:
         source: str,
         names: dict[str, list[str]] | None = None,
         partial: bool = False,
+        timed: bool = True,
     ) -> None:
         self.connection = connection
         self.partial = partial  # over partial aggregates (experiment_query's `partial`)
+        self.timed = timed  # its exposures carry ts_ns and status (not the live engine's)
         self.designs = designs
         self.source = source
         self.names = names or {}  # column -> names by id, where the tables hold ids
         self._known: list[str] | None = None
+        # How to open the connection again over the same in-memory tables (release()).
+        self._reopen: tuple[Callable[[], duckdb.DuckDBPyConnection], dict[str, pa.Table]] | None
+        self._reopen = None
 
     def _name(self, column: str, value: Any) -> Any:
         """A name the query returned, from its id where the tables hold ids."""
@@ -186,14 +191,22 @@ class AnalysisEngine:
         source: str,
         threads: int | None = None,
         memory_limit: str | None = None,
+        *,
+        timed: bool = False,
+        exposed: Sequence[str] | None = None,
     ) -> AnalysisEngine:
         """Over the partial aggregates that modelgate.analysis_live keeps (`exposure_units`,
-        `feedback_units`), the exposures' claims (`exposures`) and `feedback_by_request`,
-        name columns as ids into `names`; read in place."""
+        `feedback_units`), the exposures (`exposures`: with ts_ns and status when `timed`),
+        `feedback_by_request` and `resolved_requests`, name columns as ids into `names`;
+        read in place."""
         connection = cls._connect(threads, memory_limit)
         for name, table in tables.items():
             connection.register(name, table)
-        return cls(connection, designs, source, names, partial=True)
+        engine = cls(connection, designs, source, names, partial=True, timed=timed)
+        engine._reopen = lambda: cls._connect(threads, memory_limit), tables
+        if exposed is not None:  # the experiments the exposures name, known to the caller
+            engine._known = sorted(set(designs) | set(exposed))
+        return engine
 
     @classmethod
     def from_parquet(
@@ -286,6 +299,19 @@ class AnalysisEngine:
             parameter,
         )
         return {str(self._name("metric", m)): bool(b) for m, b in cursor.fetchall()}
+
+    def release(self) -> None:
+        """Gives back the memory DuckDB kept after the queries so far (its allocator holds
+        what a query freed, ~200 MB after one over 10^7 records, until its database
+        closes): a new connection over the same tables, where the engine reads its tables
+        in place; else nothing."""
+        if self._reopen is None:
+            return
+        connect, tables = self._reopen
+        self.connection.close()
+        self.connection = connect()
+        for name, table in tables.items():
+            self.connection.register(name, table)
 
     def close(self) -> None:
         self.connection.close()

@@ -13,17 +13,23 @@ file's columns are kept, keyed by its identity (st_dev, st_ino) with its size an
 A refresh is therefore a listing of the directory, a stat per file and the reading of what is
 new. Names (experiments, variants, metrics) keep one id each for the engine's life.
 
-What it holds: per exposure its raw columns (experiment, variant, ts_ns, unit_hash, the request
-id's 16-byte tail, flags, status, latency_us: 43 bytes; the request id resolves feedback by
-request id, status and latency give the gateway's own metrics per unit and per request), per
-feedback record by request id 28 bytes, and the rest as partial aggregates per chunk read:
-per experiment and unit the first enrolled variant and ts_ns, exposures, lowest and highest
-variant (33 bytes); per experiment, metric and unit of the feedback by unit its sum, count and
-whether all were 0/1 (29 bytes). The query (experiment_query with `partial`) groups on those.
-For the benchmark's 10 million exposures and 10 million feedback records that is 577 MiB
-(1.8M unit rows, 2.1M value rows: 214 MiB less than the feedback by unit's raw columns);
-DuckDB's working memory comes on top while a query runs. A bound in time (a canary's start)
-is applied when reading, in an engine of its own (`bounded`).
+What it holds, per exposure: experiment, variant, unit, a key of its request id tail, flags
+and latency_us (21 bytes; the key resolves feedback by request id, the latency gives the
+quantiles per arm); a bounded engine also its ts_ns and status (31 bytes: a canary counts
+what came since its step began). Per feedback record by request id: experiment, metric,
+key, value and how it resolved, its unit and state (25 bytes). The rest as partial
+aggregates per chunk read: per experiment, unit and variant the enrolled exposures, the
+first one's ts_ns, and the measured ones' errors and latency summed (48 bytes); per
+experiment, metric and unit of the feedback by unit its sum, count and whether all were 0/1
+(25 bytes). Units are held as codes (UnitCodes), request id tails as keyed 8-byte hashes
+(RidKeys). The query (experiment_query with `partial`) groups on those. For the benchmark's
+10 million exposures and 10 million feedback records that is about 380 MiB; DuckDB's
+working memory comes on top while a query runs.
+
+Feedback by request id is resolved as records come, not per query: each refresh resolves the
+id tails that its new records touch (new feedback, or new exposures of ids asked before),
+from every exposure, and keeps the outcome beside each value. A bound in time (a canary's
+start) is applied when reading, in an engine of its own (`bounded`).
 """
 
 from __future__ import annotations
@@ -55,30 +61,29 @@ from modelgate.exposure import EXPOSURE_DTYPE, EXPOSURE_NAMES, FLAG_ENROLLED
 from modelgate.feedbacklog import FEEDBACK_DTYPE, FEEDBACK_NAMES, FLAG_BY_REQUEST_ID
 from modelgate.recordfiles import LEGACY_LAYOUTS, read_record_range
 
-__all__ = ["LiveEngine", "Refresh", "close_live_engines", "live_engine"]
+__all__ = ["LiveEngine", "Refresh", "RidKeys", "UnitCodes", "close_live_engines", "live_engine"]
 
 log = logging.getLogger("modelgate.analysis")
 
 # What is kept of each chunk (one read of a file), as Arrow tables of these schemas. Name
-# columns hold ids (uint16) into the engine's names, hashes and id halves int64.
+# columns hold ids (uint16) into the engine's names, id halves int64; `unit_hash` columns
+# hold the unit's code in this engine (UnitCodes: 4 bytes where the hash takes 8, and the
+# latency quantiles' clusters without a hash table per query).
 _SCHEMAS = {
     "exposures": pa.schema(  # every exposure: the (unit, variant) claiming its request id,
-        [  # and its answer (modelgate.analysis_system's error rate and latency per unit)
+        [  # and its answer (modelgate.analysis_system's latency quantiles per unit)
             ("experiment", pa.uint16()),
             ("variant", pa.uint16()),
-            ("ts_ns", pa.int64()),
-            ("unit_hash", pa.int64()),
-            ("rid_hi", pa.int64()),
-            ("rid_lo", pa.int64()),
+            ("unit_hash", pa.uint32()),
+            ("rid_key", pa.int64()),  # the request id tail's key (RidKeys)
             ("flags", pa.uint8()),
-            ("status", pa.uint16()),
             ("latency_us", pa.uint32()),
         ]
     ),
     "exposure_units": pa.schema(  # per (experiment, unit, variant), the enrolled exposures
         [
             ("experiment", pa.uint16()),
-            ("unit_hash", pa.int64()),
+            ("unit_hash", pa.uint32()),
             ("variant", pa.uint16()),
             ("ts_ns", pa.int64()),  # the first exposure's
             ("exposures", pa.int64()),
@@ -91,7 +96,7 @@ _SCHEMAS = {
         [
             ("experiment", pa.uint16()),
             ("metric", pa.uint16()),
-            ("unit_hash", pa.int64()),
+            ("unit_hash", pa.uint32()),
             ("value", pa.float64()),  # the sum
             ("n", pa.int64()),
             ("zero_one", pa.bool_()),  # every value 0 or 1
@@ -101,22 +106,18 @@ _SCHEMAS = {
         [
             ("experiment", pa.uint16()),
             ("metric", pa.uint16()),
-            ("rid_hi", pa.int64()),
-            ("rid_lo", pa.int64()),
+            ("rid_key", pa.int64()),
             ("value", pa.float64()),
         ]
     ),
 }
-_RESOLVED = pa.schema(  # per (experiment, request id) that feedback asks for: its unit
-    [
-        ("experiment", pa.uint16()),
-        ("rid_hi", pa.int64()),
-        ("rid_lo", pa.int64()),
-        ("unit_hash", pa.int64()),
-        ("ambiguous", pa.int32()),
-    ]
+# A time-bounded engine (a canary's) also keeps each exposure's time and status: the canary
+# counts what came since its current step began (modelgate.analysis_system).
+_TIMED_EXPOSURES = pa.schema(
+    [*_SCHEMAS["exposures"], pa.field("ts_ns", pa.int64()), pa.field("status", pa.uint16())]
 )
-_EXPOSURE_READ = _SCHEMAS["exposures"].names
+_EXPOSURE_READ = [c for c in _TIMED_EXPOSURES.names if c != "rid_key"] + ["rid_hi", "rid_lo"]
+_BY_REQUEST_READ = ("experiment", "metric", "rid_hi", "rid_lo", "value")
 _BY_UNIT_READ = ("experiment", "metric", "unit_hash", "value")
 _UNITS_SQL = f"""SELECT experiment, unit_hash, variant, min(ts_ns) AS ts_ns,
   count(*)::BIGINT AS exposures, count(*) FILTER (WHERE {MEASURED})::BIGINT AS measured,
@@ -127,11 +128,17 @@ FROM chunk WHERE (flags & {FLAG_ENROLLED}) <> 0 GROUP BY experiment, unit_hash, 
 # in `touched`, from every exposure that carries one.
 _RESOLVE_SQL = REQUEST_UNITS.format(
     group="experiment, ",
-    claims="(SELECT experiment, unit_hash, variant, rid_hi, rid_lo, flags FROM exposures)",
-    asked="xor(rid_hi, rid_lo) IN (SELECT key FROM touched)",
+    ids="experiment, rid_key",
+    claims="(SELECT experiment, unit_hash, variant, rid_key, flags FROM exposures)",
+    asked="rid_key IN (SELECT key FROM touched)",
 )
-_UNTOUCHED_SQL = """SELECT * FROM resolved_requests
-WHERE xor(rid_hi, rid_lo) NOT IN (SELECT key FROM touched)"""
+# Each value by request id that needs resolving (`need`: its place and row) with its tail's
+# outcome, where REQUEST_UNITS finds one; for one share of the tails (their keys' low bits).
+_ATTRIBUTE_SQL = f"""SELECT n.place, n.row, f.unit_hash, f.ambiguous
+FROM need AS n JOIN ({_RESOLVE_SQL}) AS f
+  ON f.experiment = n.experiment AND f.rid_key = n.rid_key
+WHERE (n.rid_key & $shares) = $share"""
+_RESOLVE_SHARE = 1 << 19  # tails resolved at a time
 _VALUES_SQL = """SELECT experiment, metric, unit_hash, sum(value) AS value, count(*)::BIGINT AS n,
   bool_and(value = 0 OR value = 1) AS zero_one
 FROM chunk GROUP BY experiment, metric, unit_hash"""
@@ -151,6 +158,22 @@ class _Segment:
     end: int = 0  # whole records read: the next read starts here
     designs: dict[str, dict[str, Any]] = field(default_factory=dict)
     chunks: dict[str, list[pa.Table]] = field(default_factory=dict)
+    attributions: list[_Attribution] = field(default_factory=list)  # per feedback_by_request
+    experiments: set[int] = field(default_factory=set)  # ids its exposures name
+
+
+@dataclass(frozen=True)
+class _Attribution:
+    """The outcome of resolving each value of a feedback_by_request chunk: `state` 0 no
+    enrolled exposure claims its id (yet), 1 the unit `unit` (its code) does, 2 ambiguous
+    (analysis_sql's _ATTRIBUTED_PARTIAL). Replaced, never changed: snapshots read them."""
+
+    unit: npt.NDArray[np.uint32]
+    state: npt.NDArray[np.uint8]
+
+    @classmethod
+    def unresolved(cls, rows: int) -> _Attribution:
+        return cls(np.zeros(rows, np.uint32), np.zeros(rows, np.uint8))
 
 
 @dataclass(frozen=True)
@@ -167,11 +190,32 @@ class Refresh:
 
 
 def _tails(table: pa.Table) -> npt.NDArray[np.int64]:
-    """The request id tails of a table's rows as one int64 key each (the xor of the halves,
-    as _RESOLVE_SQL computes it): a superset's key, two tails may share one."""
-    hi = table.column("rid_hi").to_numpy()
-    lo = table.column("rid_lo").to_numpy()
-    return np.asarray(np.bitwise_xor(hi, lo), dtype=np.int64)
+    """The request id tail keys of a table's rows."""
+    return np.asarray(table.column("rid_key").to_numpy(), dtype=np.int64)
+
+
+class RidKeys:
+    """One 8-byte key per 16-byte request id tail, where the raw query groups on both halves:
+    the halves mixed with a secret drawn per engine (splitmix64's finalizer over each half in
+    turn), so that the live engine keeps half the bytes per exposure. Two tails share a key
+    with probability about n^2 / 2^65 (3 in 10^6 over 10^7 exposures); the values asked by
+    either are then dropped as ambiguous when their units differ (never given to the other
+    unit), and no client can aim for that, as none sees the secret."""
+
+    _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+    def __init__(self) -> None:
+        self._secret = np.frombuffer(os.urandom(16), dtype=np.uint64)
+
+    def _mix(self, z: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+        z = (z ^ (z >> np.uint64(30))) * self._M1
+        z = (z ^ (z >> np.uint64(27))) * self._M2
+        return np.asarray(z ^ (z >> np.uint64(31)), dtype=np.uint64)
+
+    def key(self, hi: npt.NDArray[np.int64], lo: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        first = self._mix(hi.view(np.uint64) ^ self._secret[0])
+        mixed = self._mix(first ^ lo.view(np.uint64) ^ self._secret[1])
+        return mixed.view(np.int64)
 
 
 def _members(keys: npt.NDArray[np.int64], known: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
@@ -184,6 +228,35 @@ def _members(keys: npt.NDArray[np.int64], known: npt.NDArray[np.int64]) -> npt.N
         return np.asarray(known[at] == keys)
     found = pc.is_in(pa.array(keys), value_set=pa.array(known))
     return np.asarray(found.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+class UnitCodes:
+    """A code 0, 1, 2, ... per unit hash, kept for the engine's life (a unit that retention
+    dropped keeps its code); the new units of a chunk are numbered after the known ones, in
+    the order of their hashes. Sorted hashes beside their codes, looked up by a binary
+    search of each chunk's distinct units."""
+
+    def __init__(self) -> None:
+        self._hashes = np.zeros(0, np.int64)
+        self._codes = np.zeros(0, np.uint32)
+
+    def __len__(self) -> int:
+        return int(self._hashes.size)
+
+    def code(self, hashes: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
+        """The codes of `hashes`, new units given the next ones."""
+        distinct, back = np.unique(hashes, return_inverse=True)
+        at = np.searchsorted(self._hashes, distinct)
+        found = at < self._hashes.size
+        found[found] = self._hashes[at[found]] == distinct[found]
+        codes = np.empty(distinct.size, np.uint32)
+        codes[found] = self._codes[at[found]]
+        new = ~found
+        codes[new] = np.arange(len(self), len(self) + int(new.sum()), dtype=np.uint32)
+        if new.any():
+            self._hashes = np.insert(self._hashes, at[new], distinct[new])
+            self._codes = np.insert(self._codes, at[new], codes[new])
+        return np.asarray(codes[back.reshape(-1)], dtype=np.uint32)
 
 
 def _trim() -> None:
@@ -243,9 +316,14 @@ class LiveEngine:
         # Request ids resolved to units: the id tails (xor of the halves) that feedback asks
         # for, sorted; the REQUEST_UNITS rows of those tails; what one refresh read anew.
         self._asked = np.zeros(0, np.int64)
-        self._resolved = _RESOLVED.empty_table()
         self._new: dict[str, list[pa.Table]] = {}
         self._reset = True  # exposures were dropped or read again: resolve every id again
+        self._units = UnitCodes()
+        self._rids = RidKeys()
+        timed = since_ns is not None
+        self._schemas = dict(
+            _SCHEMAS, exposures=_TIMED_EXPOSURES if timed else _SCHEMAS["exposures"]
+        )
 
     # --- reading --------------------------------------------------------------------------
 
@@ -295,7 +373,7 @@ class LiveEngine:
             files += sum(1 for s in current.values() if s.chunks)
         self._tables = self._assemble()
         self._resolve()
-        self._tables["resolved_requests"] = self._resolved
+        self._tables["feedback_by_request"] = self._attributed()
         self._new = {}
         if self._scratch is not None:  # its buffers go back (DuckDB keeps them for reuse)
             self._scratch.close()
@@ -357,19 +435,26 @@ class LiveEngine:
             segment.designs = _designs(sidecar)
             columns = file_columns(data, sidecar, names, _EXPOSURE_READ, self._names)
             del data
+            columns["unit_hash"] = self._units.code(columns["unit_hash"])
+            columns["rid_key"] = self._rids.key(columns.pop("rid_hi"), columns.pop("rid_lo"))
+            segment.experiments.update(np.unique(columns["experiment"]).tolist())
             self._keep(segment, "exposures", columns)
             self._keep(segment, "exposure_units", self._aggregate(columns, _UNITS_SQL))
         else:
             asked = (data["flags"] & FLAG_BY_REQUEST_ID) != 0
-            by_request = _SCHEMAS["feedback_by_request"].names
-            self._keep(
-                segment,
-                "feedback_by_request",
-                file_columns(data[asked], sidecar, names, by_request, self._names),
+            by_request = file_columns(data[asked], sidecar, names, _BY_REQUEST_READ, self._names)
+            by_request["rid_key"] = self._rids.key(
+                by_request.pop("rid_hi"), by_request.pop("rid_lo")
             )
+            self._keep(segment, "feedback_by_request", by_request)
             by_unit = file_columns(data[~asked], sidecar, names, _BY_UNIT_READ, self._names)
             del data
-            self._keep(segment, "feedback_units", self._aggregate(by_unit, _VALUES_SQL))
+            values = self._aggregate(by_unit, _VALUES_SQL)  # fewer rows to give codes to
+            codes = self._units.code(values.column("unit_hash").to_numpy())
+            at = values.schema.get_field_index("unit_hash")
+            self._keep(
+                segment, "feedback_units", values.set_column(at, "unit_hash", pa.array(codes))
+            )
         return segment, read
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
@@ -393,24 +478,27 @@ class LiveEngine:
     def _keep(
         self, segment: _Segment, table: str, columns: dict[str, np.ndarray] | pa.Table
     ) -> None:
-        schema = _SCHEMAS[table]
+        schema = self._schemas[table]
         if isinstance(columns, pa.Table):
             found = columns.select(schema.names).cast(schema)
         else:
             found = pa.table([pa.array(columns[n]) for n in schema.names], schema=schema)
         if found.num_rows:
             segment.chunks.setdefault(table, []).append(found)
+            if table == "feedback_by_request":
+                segment.attributions.append(_Attribution.unresolved(found.num_rows))
             if table in self._new:
                 self._new[table].append(found)
 
     def _resolve(self) -> None:
-        """Brings `resolved_requests` up to date with what this refresh read: the id tails
-        that new feedback asks for and those of new exposures that feedback asked for
-        before are resolved again from every exposure (a tail's exposures may come before
-        or after its feedback, and a later exposure can make it ambiguous); the other rows
-        stay. After exposures were dropped or read again, every asked tail is resolved
-        again. Exact: REQUEST_UNITS over every exposure, as the raw query groups them."""
-        asked_new = [_tails(t) for t in self._new["feedback_by_request"]]
+        """Resolves the values by request id that this refresh makes resolvable anew: the
+        id tails of new feedback, and those of new exposures that feedback asked for before
+        (a tail's exposures may come before or after its feedback, and a later exposure can
+        make it ambiguous), from every exposure (REQUEST_UNITS, as the raw query groups
+        them); every value with such a tail gets the outcome (_Attribution). After
+        exposures were dropped or read again, every value is resolved again."""
+        new = self._new["feedback_by_request"]
+        asked_new = [_tails(t) for t in new]
         if self._reset:
             chunks = [
                 _tails(c)
@@ -420,40 +508,104 @@ class LiveEngine:
             self._asked = np.unique(np.concatenate(chunks)) if chunks else np.zeros(0, np.int64)
             touched = self._asked
         else:
-            fresh = np.unique(np.concatenate(asked_new)) if asked_new else np.zeros(0, np.int64)
-            fresh = fresh[~_members(fresh, self._asked)]
+            asked = np.unique(np.concatenate(asked_new)) if asked_new else np.zeros(0, np.int64)
+            fresh = asked[~_members(asked, self._asked)]
             if fresh.size:
                 self._asked = np.sort(np.concatenate([self._asked, fresh]), kind="stable")
             exposed = [_tails(t) for t in self._new["exposures"]]
             again = np.concatenate(exposed) if exposed else np.zeros(0, np.int64)
-            again = np.unique(again[_members(again, self._asked)])
-            touched = np.union1d(fresh, again)
-        if not touched.size and not self._reset:
+            touched = np.union1d(asked, again[_members(again, self._asked)])
+        if not touched.size:
+            self._reset = False
             return
-        scratch = self._connection()
-        scratch.register("exposures", self._tables["exposures"])
-        scratch.register("touched", pa.table({"key": touched}))
-        scratch.register("resolved_requests", self._resolved)
-        try:
-            found = scratch.sql(_RESOLVE_SQL).to_arrow_table()
-            if not self._reset:
-                kept = scratch.sql(_UNTOUCHED_SQL).to_arrow_table()
-                found = pa.concat_tables([kept.cast(_RESOLVED), found.cast(_RESOLVED)])
-            self._resolved = found.cast(_RESOLVED).combine_chunks()
-        finally:
-            for name in ("exposures", "touched", "resolved_requests"):
-                scratch.unregister(name)
+        fresh_ids = {id(t) for t in new}
+        needs, places = [], []
+        for segment in self._segments["feedback"].values():
+            for at, chunk in enumerate(segment.chunks.get("feedback_by_request", [])):
+                if self._reset or id(chunk) in fresh_ids:
+                    rows = np.arange(chunk.num_rows, dtype=np.uint32)
+                else:
+                    rows = np.flatnonzero(_members(_tails(chunk), touched)).astype(np.uint32)
+                if rows.size:
+                    places.append((segment, at))
+                    needs.append(
+                        pa.table(
+                            {
+                                "experiment": chunk.column("experiment").take(rows),
+                                "rid_key": chunk.column("rid_key").take(rows),
+                                "place": np.full(rows.size, len(places) - 1, np.uint32),
+                                "row": rows,
+                            }
+                        )
+                    )
         self._reset = False
+        if not needs:
+            return
+        matched = self._match(touched, pa.concat_tables(needs))
+        order = np.argsort(matched["place"], kind="stable")
+        bounds = np.searchsorted(matched["place"][order], np.arange(len(places) + 1))
+        for number, ((segment, at), need) in enumerate(zip(places, needs, strict=True)):
+            old = segment.attributions[at]
+            unit, state = old.unit.copy(), old.state.copy()  # a snapshot may read the old
+            state[need.column("row").to_numpy()] = 0
+            mine = order[bounds[number] : bounds[number + 1]]
+            rows = matched["row"][mine]
+            unit[rows] = matched["unit_hash"][mine]
+            state[rows] = np.where(matched["ambiguous"][mine] == 0, 1, 2)
+            segment.attributions[at] = _Attribution(unit, state)
 
     def _assemble(self) -> dict[str, pa.Table]:
         """The tables over every segment's chunks, in file name order (no copy: the
         tables share the chunks' buffers)."""
         out = {}
-        for table, schema in _SCHEMAS.items():
+        for table, schema in self._schemas.items():
             prefix = "exposure" if table.startswith("exposure") else "feedback"
             chunks = [c for s in self._segments[prefix].values() for c in s.chunks.get(table, [])]
             out[table] = pa.concat_tables(chunks) if chunks else schema.empty_table()
         return out
+
+    def _match(self, touched: npt.NDArray[np.int64], need: pa.Table) -> dict[str, Any]:
+        """The outcome of each needing value's tail (place, row, unit_hash, ambiguous), where
+        REQUEST_UNITS finds one. Many tails (the first refresh's) are resolved a share at a
+        time, split on their keys' low bits: each share's hash tables are a fraction of the
+        whole's (the first load of 10^7 records peaked 330 MB higher in one go)."""
+        shares = 1
+        while touched.size > shares * _RESOLVE_SHARE:
+            shares *= 2
+        scratch = self._connection()
+        scratch.register("exposures", self._tables["exposures"])
+        scratch.register("need", need)
+        found: dict[str, list[npt.NDArray[Any]]] = {}
+        try:
+            for share in range(shares):
+                mine = touched[(touched & (shares - 1)) == share] if shares > 1 else touched
+                scratch.register("touched", pa.table({"key": mine}))
+                part = scratch.execute(_ATTRIBUTE_SQL, {"shares": shares - 1, "share": share})
+                for name, column in part.fetchnumpy().items():
+                    found.setdefault(name, []).append(np.asarray(column))
+                scratch.unregister("touched")
+        finally:
+            scratch.unregister("exposures")
+            scratch.unregister("need")
+        return {name: np.concatenate(parts) for name, parts in found.items()}
+
+    def _attributed(self) -> pa.Table:
+        """feedback_by_request with each value's resolution beside it (no copy of the
+        chunks: the columns are appended to them)."""
+        chunks = [
+            chunk.append_column("unit_hash", pa.array(done.unit)).append_column(
+                "state", pa.array(done.state)
+            )
+            for segment in self._segments["feedback"].values()
+            for chunk, done in zip(
+                segment.chunks.get("feedback_by_request", []), segment.attributions, strict=True
+            )
+        ]
+        if chunks:
+            return pa.concat_tables(chunks)
+        return pa.schema(
+            [*_SCHEMAS["feedback_by_request"], ("unit_hash", pa.uint32()), ("state", pa.uint8())]
+        ).empty_table()
 
     # --- querying -------------------------------------------------------------------------
 
@@ -468,6 +620,13 @@ class LiveEngine:
             f"{files} record files in {self.log_dir}{bound}",
             self.threads,
             self.memory_limit,
+            timed=self.since_ns is not None,
+            exposed=[
+                names["experiment"][i]
+                for i in sorted(
+                    set().union(*(s.experiments for s in self._segments["exposure"].values()))
+                )
+            ],
         )
 
     def bounded(self, since_ns: int) -> LiveEngine:
@@ -516,7 +675,7 @@ class LiveEngine:
         with self._lock:
             self._segments = {"exposure": {}, "feedback": {}}
             self._tables = {}
-            self._asked, self._resolved = np.zeros(0, np.int64), _RESOLVED.empty_table()
+            self._asked = np.zeros(0, np.int64)
             bounded, self._bounded = list(self._bounded.values()), OrderedDict()
             if self._scratch is not None:
                 self._scratch.close()

@@ -158,6 +158,7 @@ class SparkAnalysisEngine:
     as over DuckDB, and the gateway's own metrics (modelgate.analysis_system) too."""
 
     partial = False  # reads the raw records, never partial aggregates
+    timed = True  # its exposures carry ts_ns and status
 
     def __init__(
         self,
@@ -261,6 +262,9 @@ class SparkAnalysisEngine:
             return {name: table.column(name).to_numpy() for name in table.column_names}
         rows = frame.collect()
         return {name: np.array([row[name] for row in rows]) for name in frame.columns}
+
+    def release(self) -> None:
+        """Nothing to give back: Spark's memory is its executors'."""
 
     def experiments(self) -> list[str]:
         """The experiments with a design or with exposure records, sorted."""

@@ -59,32 +59,43 @@ _EXPOSED_PARTIAL = """(SELECT unit_hash, variant, ts_ns, exposures FROM exposure
     WHERE experiment = {experiment})"""
 _BY_UNIT_PARTIAL = """(SELECT metric, unit_hash, value, n FROM feedback_units
     WHERE experiment = {experiment})"""
-_BY_REQUEST_TABLE = """(SELECT metric, rid_hi, rid_lo, value FROM feedback_by_request
-    WHERE experiment = {experiment})"""
 _ASKED_RAW = "(rid_hi, rid_lo) IN (SELECT rid_hi, rid_lo FROM {by_request} AS f)"
-# The live engine keeps REQUEST_UNITS of every experiment as a table (`resolved_requests`),
-# updated as records come (modelgate.analysis_live): the query reads the experiment's rows.
-_REQUEST_UNITS_TABLE = """SELECT rid_hi, rid_lo, unit_hash, ambiguous FROM resolved_requests
-  WHERE experiment = {experiment}"""
-_RAW = {"exposure_count": "count(*)", "low": "variant", "high": "variant", "n": "", "one": ""}
+# The live engine resolves each value by request id as records come (modelgate.analysis_live:
+# REQUEST_UNITS of the tails that new records touch), and keeps the outcome beside it:
+# `state` 0 no enrolled exposure claims its id (excluded), 1 `unit_hash` claims it, 2
+# ambiguous. The raw query resolves them all in request_units.
+_ATTRIBUTED_RAW = """SELECT f.metric, r.unit_hash, f.value
+  FROM {by_request} AS f LEFT JOIN request_units AS r
+    ON f.rid_hi = r.rid_hi AND f.rid_lo = r.rid_lo
+  WHERE coalesce(r.ambiguous, 0) = 0"""
+_AMBIGUOUS_RAW = """SELECT 'ambiguous', NULL, f.metric, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL,
+  count(*)
+FROM {by_request} AS f JOIN request_units AS r ON f.rid_hi = r.rid_hi AND f.rid_lo = r.rid_lo
+WHERE r.ambiguous = 1 GROUP BY f.metric"""
+_ATTRIBUTED_PARTIAL = """SELECT metric, CASE WHEN state = 1 THEN unit_hash END AS unit_hash,
+    value, 1 AS n
+  FROM feedback_by_request WHERE experiment = {experiment} AND state <> 2"""
+_AMBIGUOUS_PARTIAL = """SELECT 'ambiguous', NULL, metric, NULL, 0, NULL, NULL, NULL, NULL, NULL,
+  NULL, count(*)
+FROM feedback_by_request WHERE experiment = {experiment} AND state = 2 GROUP BY metric"""
+_RAW = {"exposure_count": "count(*)", "low": "variant", "high": "variant", "n": ""}
 _PARTIAL = {
     "exposure_count": "sum(exposures)",
     "low": "variant",
     "high": "variant",
     "n": ", n",
-    "one": ", 1 AS n",
 }
 
 # Feedback by request id: the unit of the id tail's exposures, which must all be one (unit,
 # variant); otherwise the tail is ambiguous (the logs keep 16 bytes). A tail that only
-# unenrolled exposures claim resolves to no unit. `{group}`: the columns grouped on before the
-# id's halves (none for one experiment's query; `experiment, ` for the live engine's table).
-REQUEST_UNITS = """SELECT {group}rid_hi, rid_lo, min(unit_hash) AS unit_hash,
+# unenrolled exposures claim resolves to no unit. `{ids}`: the columns that identify a
+# request: its tail's halves, or `experiment, rid_key` in the live engine (modelgate.analysis_live).
+REQUEST_UNITS = """SELECT {ids}, min(unit_hash) AS unit_hash,
     CASE WHEN min(unit_hash) <> max(unit_hash) OR min(variant) <> max(variant)
       THEN 1 ELSE 0 END AS ambiguous
   FROM {claims} AS e
   WHERE {asked}
-  GROUP BY {group}rid_hi, rid_lo
+  GROUP BY {ids}
   HAVING max(flags & 1) = 1 OR min(unit_hash) <> max(unit_hash) OR min(variant) <> max(variant)"""
 
 _HEAD = """WITH units AS (  -- enrolled units; a unit's variant is its first enrolled exposure's
@@ -92,26 +103,53 @@ _HEAD = """WITH units AS (  -- enrolled units; a unit's variant is its first enr
     CASE WHEN min({low}) <> max({high}) THEN 1 ELSE 0 END AS switched
   FROM {exposed} AS e GROUP BY unit_hash
 ),
-request_units AS ({request_units}),
-attributed AS (
+{request_units}attributed AS (
   SELECT metric, unit_hash, value{n} FROM {by_unit} AS f
   UNION ALL
-  SELECT f.metric, r.unit_hash, f.value{one}
-  FROM {by_request} AS f LEFT JOIN request_units AS r
-    ON f.rid_hi = r.rid_hi AND f.rid_lo = r.rid_lo
-  WHERE coalesce(r.ambiguous, 0) = 0
+  {attributed}
 ),
 unit_values AS (
   SELECT unit_hash, metric, sum(value) AS x, {value_count} AS n
   FROM attributed GROUP BY unit_hash, metric
 ),
 metrics AS (SELECT DISTINCT metric FROM unit_values),
-{per_unit_cte}per_variant AS (
-  SELECT variant, metric, count(*) AS units, avg(x) AS mean_x, var_samp(x) AS var_x,
-    avg(exposures) AS mean_e, var_samp(exposures) AS var_e, covar_samp(x, exposures) AS cov_xe,
-    avg(n) AS mean_n, var_samp(n) AS var_n, covar_samp(x, n) AS cov_xn,
-    sum(CASE WHEN x <> 0 THEN 1 ELSE 0 END) AS nonzero_x, sum(n) AS n_values
-  FROM {per_unit} GROUP BY variant, metric
+{per_unit_cte}unit_variants AS (  -- per variant, over all its units
+  SELECT variant, count(*) AS k, avg(exposures) AS mean_e, var_samp(exposures) AS var_e
+  FROM units GROUP BY variant
+),
+valued AS (  -- per variant and metric, over its units with values: sums of squared deviations
+  SELECT u.variant, v.metric, count(*) AS k, avg(v.x) AS mx, avg(v.n) AS mn,
+    avg(u.exposures) AS me, var_pop(v.x) * count(*) AS sxx, var_pop(v.n) * count(*) AS snn,
+    covar_pop(v.x, v.n) * count(*) AS sxn, covar_pop(v.x, u.exposures) * count(*) AS sxe,
+    sum(CASE WHEN v.x <> 0 THEN 1 ELSE 0 END) AS nonzero_x, sum(v.n) AS n_values
+  FROM unit_values v JOIN units u ON u.unit_hash = v.unit_hash
+  GROUP BY u.variant, v.metric
+),
+-- Over every unit of the variant, those without values counting x = n = 0: the two groups'
+-- moments merged (Chan, Golub and LeVeque's pairwise update, stable where sums of squares
+-- are not), without a row per unit and metric. w = k_a k_b / k.
+merged AS (
+  SELECT t.variant, m.metric, t.k, t.mean_e, t.var_e, coalesce(a.k, 0) AS k_a,
+    coalesce(a.mx, 0) AS mx, coalesce(a.mn, 0) AS mn, coalesce(a.sxx, 0) AS sxx,
+    coalesce(a.snn, 0) AS snn, coalesce(a.sxn, 0) AS sxn, coalesce(a.sxe, 0) AS sxe,
+    CASE WHEN t.k > coalesce(a.k, 0)  -- the mean exposures of the units without values
+      THEN (t.k * t.mean_e - coalesce(a.k * a.me, 0)) / (t.k - coalesce(a.k, 0))
+      ELSE 0 END AS me_b,
+    coalesce(a.me, 0) AS me, coalesce(a.k, 0) * CAST(t.k - coalesce(a.k, 0) AS DOUBLE) / t.k AS w,
+    coalesce(a.nonzero_x, 0) AS nonzero_x, coalesce(a.n_values, 0) AS n_values
+  FROM unit_variants t CROSS JOIN metrics m
+  LEFT JOIN valued a ON a.variant = t.variant AND a.metric = m.metric
+),
+per_variant AS (
+  SELECT variant, metric, k AS units, k_a * mx / k AS mean_x,
+    CASE WHEN k > 1 THEN (sxx + mx * mx * w) / (k - 1) END AS var_x,
+    mean_e, var_e,
+    CASE WHEN k > 1 THEN (sxe + mx * (me - me_b) * w) / (k - 1) END AS cov_xe,
+    k_a * mn / k AS mean_n,
+    CASE WHEN k > 1 THEN (snn + mn * mn * w) / (k - 1) END AS var_n,
+    CASE WHEN k > 1 THEN (sxn + mx * mn * w) / (k - 1) END AS cov_xn,
+    nonzero_x, n_values
+  FROM merged
 )
 SELECT 'units' AS kind, variant, NULL AS metric, NULL AS denominator, count(*) AS units,
   avg(exposures) AS mean_x, NULL AS mean_y, var_samp(exposures) AS var_x, NULL AS var_y,
@@ -126,8 +164,8 @@ SELECT 'metric', variant, metric, 'values', units, mean_x, mean_n, var_x, var_n,
   nonzero_x, n_values
 FROM per_variant"""
 
-# Every unit and metric, a unit without values with x = n = 0. A CTE when the ratio pairs read
-# it again, else a subquery: DuckDB materializes every CTE, 1.9M rows for the benchmark's.
+# Every unit and metric, a unit without values with x = n = 0: what the ratio pairs read (the
+# per-variant moments merge two groups instead, which needs no row per unit and metric).
 _PER_UNIT = """(
   SELECT u.variant, u.unit_hash, u.exposures, m.metric, coalesce(v.x, 0) AS x,
     coalesce(v.n, 0) AS n
@@ -152,9 +190,7 @@ SELECT 'excluded', NULL, v.metric, NULL, count(v.unit_hash), NULL, NULL, NULL, N
 FROM unit_values v LEFT JOIN units u ON u.unit_hash = v.unit_hash
 WHERE u.unit_hash IS NULL GROUP BY v.metric
 UNION ALL
-SELECT 'ambiguous', NULL, f.metric, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, count(*)
-FROM {by_request} AS f JOIN request_units AS r ON f.rid_hi = r.rid_hi AND f.rid_lo = r.rid_lo
-WHERE r.ambiguous = 1 GROUP BY f.metric"""
+{ambiguous}"""
 
 
 def quote(name: str | int) -> str:
@@ -176,36 +212,39 @@ def experiment_query(
     a quoted literal for a query printed for another engine. `since` (SINCE, or a literal):
     only records with `ts_ns >= since`, exposures and feedback alike (a canary judges the
     traffic since it started; feedback by request id of an earlier exposure is excluded).
-    `partial`: over the partial aggregates `exposure_units` and `feedback_units`, the
-    resolved request ids `resolved_requests` (REQUEST_UNITS per experiment) and
-    `feedback_by_request`, instead of the raw `exposures` and `feedback` (no ts_ns: such
-    tables are bounded when they are read)."""
+    `partial`: over the partial aggregates `exposure_units` and `feedback_units` and the
+    values by request id with their units resolved (`feedback_by_request`, _ATTRIBUTED_PARTIAL)
+    instead of the raw `exposures` and `feedback` (no ts_ns: such tables are bounded when
+    they are read)."""
     if partial and since is not None:
         raise ValueError("partial aggregates are bounded in time when read, not in the query")
     bound = f" AND ts_ns >= {since}" if since is not None else ""
     if partial:
-        by_request = _BY_REQUEST_TABLE.format(experiment=experiment)
         exposed = _EXPOSED_PARTIAL.format(experiment=experiment)
         by_unit = _BY_UNIT_PARTIAL.format(experiment=experiment)
-        request_units = _REQUEST_UNITS_TABLE.format(experiment=experiment)
+        request_units = ""
+        attributed = _ATTRIBUTED_PARTIAL.format(experiment=experiment)
+        ambiguous = _AMBIGUOUS_PARTIAL.format(experiment=experiment)
         forms = dict(_PARTIAL, value_count="sum(n)")
     else:
         by_request = _FEEDBACK.format(experiment=experiment, by_request=2, since=bound)
         exposed = _EXPOSED.format(experiment=experiment, since=bound)
         by_unit = _FEEDBACK.format(experiment=experiment, by_request=0, since=bound)
-        request_units = REQUEST_UNITS.format(
-            group="",
+        resolve = REQUEST_UNITS.format(
+            ids="rid_hi, rid_lo",
             claims=_CLAIMS.format(experiment=experiment, since=bound),
             asked=_ASKED_RAW.format(by_request=by_request),
         )
+        request_units = f"request_units AS ({resolve}),\n"
+        attributed = _ATTRIBUTED_RAW.format(by_request=by_request)
+        ambiguous = _AMBIGUOUS_RAW.format(by_request=by_request)
         forms = dict(_RAW, value_count="count(*)")
     sql = _HEAD.format(
         exposed=exposed,
         request_units=request_units,
+        attributed=attributed,
         by_unit=by_unit,
-        by_request=by_request,
         per_unit_cte=f"per_unit AS {_PER_UNIT},\n" if ratios else "",
-        per_unit="per_unit" if ratios else f"{_PER_UNIT} AS per_unit",
         **forms,
     )
     if ratios:
@@ -214,7 +253,7 @@ def experiment_query(
             for metric, denominator in ratios
         )
         sql += _RATIO.format(moments=_MOMENTS, pairs=pairs)
-    return sql + _EXCLUDED.format(by_request=by_request)
+    return sql + _EXCLUDED.format(ambiguous=ambiguous)
 
 
 def for_dialect(dialect: str, experiment: str, ratios: Sequence[tuple[str, str]] = ()) -> str:

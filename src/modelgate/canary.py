@@ -32,7 +32,12 @@ from modelgate.canary_judge import (
     window,
 )
 from modelgate.canary_records import Evidence, EvidenceSource
-from modelgate.canary_verdicts import feedback_metrics, judge_evidence, unit_srm_guard
+from modelgate.canary_verdicts import (
+    feedback_metrics,
+    judge_evidence,
+    latency_quantiles,
+    unit_srm_guard,
+)
 from modelgate.config import CanarySpec
 
 __all__ = [
@@ -87,7 +92,7 @@ def _judge(
 ) -> tuple[Evidence, dict[str, Any] | None, list[CheckResult]]:
     """Reading and judging, in a worker thread: the loop that serves requests never waits
     for either."""
-    evidence = source.evidence(view, metrics, began, step_began)
+    evidence = source.evidence(view, metrics, began, step_began, latency_quantiles(spec))
     return evidence, unit_srm_guard(view, spec, evidence, srm_p), judge_evidence(spec, evidence)
 
 

@@ -4,14 +4,13 @@ The records are the source of truth for a `source: local` canary, as for the exp
 results: each exposure carries its unit, variant, status and latency, so the checks can be
 tests over units, the unit of randomization, instead of over requests (a user who sends
 dozens of requests is one correlated sample, not dozens). Reading runs in a thread, never
-on the loop that serves requests; the engine is shared by the canaries of a gateway and
-refreshed at most once per `REFRESH_S`.
+on the loop that serves requests; each canary reads a time-bounded engine of the directory
+(since it began), refreshed at most once per `REFRESH_S`.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,52 +42,59 @@ class Evidence:
 
 class EvidenceSource(Protocol):
     def evidence(
-        self, view: ExperimentView, metrics: Sequence[str], since: float, step: float
+        self,
+        view: ExperimentView,
+        metrics: Sequence[str],
+        since: float,
+        step: float,
+        quantiles: Sequence[float] = (),
     ) -> Evidence:
         """Blocking (call it in a thread): the evidence of records stamped at or after
-        `since` (the canary's start, unix s), with `step` the current step's start."""
+        `since` (the canary's start, unix s), with `step` the current step's start; the
+        feedback `metrics` and the latency `quantiles` that the checks judge."""
 
 
 class RecordEvidence:
-    """The records of one log directory (every worker's files), through the process's live
-    engine of that directory (modelgate.analysis_live): shared with GET /experiments, read
-    incrementally (only new files and the new tails of grown ones), refreshed at most once
-    per REFRESH_S however many canaries look. The gateway's own metrics are bounded in time
-    by the query; feedback checks read a time-bounded engine of their own (per canary
-    start), since the feedback is held as per-unit partial sums that a query cannot cut."""
+    """The records of one log directory (every worker's files), through the time-bounded
+    engine of the canary's start (LiveEngine.bounded of the process's live engine for the
+    directory, modelgate.analysis_live): it holds only what came since, read incrementally
+    (only new files and the new tails of grown ones) and refreshed at most once per
+    REFRESH_S however often the canary looks. The feedback is held there as per-unit
+    partial sums, which no query could cut at the canary's start; its exposures keep their
+    time, which the counts since the current step need."""
 
     def __init__(self, log_dir: str | os.PathLike[str]) -> None:
         self.log_dir = str(log_dir)
-        self._lock = threading.Lock()
-        self._refreshed = -REFRESH_S  # monotonic: the last refresh this source asked for
 
     def evidence(
-        self, view: ExperimentView, metrics: Sequence[str], since: float, step: float
+        self,
+        view: ExperimentView,
+        metrics: Sequence[str],
+        since: float,
+        step: float,
+        quantiles: Sequence[float] = (),
     ) -> Evidence:
         from modelgate.analysis_engine import AnalysisError
         from modelgate.analysis_live import live_engine
 
         if not os.path.isdir(self.log_dir):
             raise AnalysisError(f"{self.log_dir}: no records yet (not a directory)")
-        live = live_engine(self.log_dir)
         since_ns, step_ns = int(since * 1e9), int(step * 1e9)
-        with self._lock:
-            now = time.monotonic()
-            fresh = now - self._refreshed >= REFRESH_S
-            if fresh:
-                self._refreshed = now
-        with live.snapshot(refresh=fresh or live.last is None) as (engine, _):
-            as_of, source = time.time(), engine.source
-            system = system_units(engine, view.name, view.variants, since_ns, step_ns)
+        live = live_engine(self.log_dir).bounded(since_ns)
+        last = live.last
+        stale = last is None or time.time() - last.started >= REFRESH_S
         feedback: dict[str, dict[str, UnitStats]] = {}
-        if metrics:
-            try:
-                found = live.query(view.name, since_ns=since_ns)
-            except AnalysisError:
-                found = None  # no record of the experiment since the canary began
-            for metric in metrics:
-                stats = found.metrics.get((metric, "values")) if found else None
-                feedback[metric] = dict(stats) if stats else {}
+        with live.snapshot(refresh=stale) as (engine, _):
+            as_of, source = time.time(), engine.source
+            system = system_units(engine, view.name, view.variants, since_ns, step_ns, quantiles)
+            if metrics:
+                try:
+                    found = engine.query(view.name)
+                except AnalysisError:
+                    found = None  # no record of the experiment since the canary began
+                for metric in metrics:
+                    stats = found.metrics.get((metric, "values")) if found else None
+                    feedback[metric] = dict(stats) if stats else {}
         return Evidence(system, feedback, as_of, source)
 
     def close(self) -> None:

@@ -35,7 +35,6 @@ from modelgate.stats import (
     UnitStats,
     cs_halfwidth,
     quantile_difference,
-    quantile_estimate,
     ratio_estimate,
     sequential_srm_test,
     unit_ratio_test,
@@ -44,6 +43,7 @@ from modelgate.stats import (
 __all__ = [
     "SRM_CONCENTRATION",
     "feedback_metrics",
+    "latency_quantiles",
     "judge_evidence",
     "unit_srm_guard",
 ]
@@ -57,6 +57,11 @@ SRM_CONCENTRATION = 1000.0
 def feedback_metrics(spec: CanarySpec) -> list[str]:
     """The feedback metrics the checks read (the records' other metrics are not loaded)."""
     return [c.metric for c in checks_of(spec) if c.metric != "error_rate" and not c.is_system]
+
+
+def latency_quantiles(spec: CanarySpec) -> list[float]:
+    """The latency quantiles the checks judge (each arm's are estimated as it is read)."""
+    return sorted({q for c in checks_of(spec) if (q := c.latency_quantile) is not None})
 
 
 def unit_srm_guard(
@@ -196,16 +201,15 @@ def _one_arm_halfwidth(s: UnitStats, level: float, tuning: float) -> float:
 def _quantile_check(
     check: CanaryCheck, evidence: Evidence, spec: CanarySpec, level: float
 ) -> CheckResult:
-    q = float(check.metric.removeprefix("latency_p").removesuffix("_ms")) / 100.0
-    base = evidence.system.latencies.get(spec.baseline)
-    cand = evidence.system.latencies.get(spec.candidate)
-    if base is None or cand is None:
+    q = check.latency_quantile
+    base = evidence.system.quantiles.get(spec.baseline)
+    cand = evidence.system.quantiles.get(spec.candidate)
+    if q is None or base is None or cand is None or not base.requests or not cand.requests:
         return _wait(check, "no latency measured yet")
-    try:
-        baseline = quantile_estimate(base.ms, base.units, q)
-        own = quantile_estimate(cand.ms, cand.units, q)
-    except ValueError as exc:  # too few requests or units for an interval on this quantile
-        return _wait(check, str(exc))
+    missing = f"the p{q * 100:g} latency was not read"
+    baseline, own = base.estimates.get(q, missing), cand.estimates.get(q, missing)
+    if isinstance(baseline, str) or isinstance(own, str):  # too few requests or units
+        return _wait(check, baseline if isinstance(baseline, str) else str(own))
     test = quantile_difference(baseline, own, level, sequential=True, tuning=spec.sequential_tuning)
     half = cs_halfwidth(math.sqrt(own.variance), own.units, level, spec.sequential_tuning)
     outcome, detail = _verdicts(check, test, own.estimate + half, own.estimate - half, unit=" ms")
@@ -215,7 +219,7 @@ def _quantile_check(
         test.estimate_a,
         test.estimate_b,
         f"p{q * 100:g} over units (clustered), confidence sequence: {detail}",
-        _numbers(test, {"requests": [int(base.ms.size), int(cand.ms.size)]}),
+        _numbers(test, {"requests": [base.requests, cand.requests]}),
     )
 
 

@@ -266,6 +266,12 @@ class CanaryCheck(_Strict):
     def is_system(self) -> bool:
         return self.metric == "error_rate" or _LATENCY_METRIC.match(self.metric) is not None
 
+    @property
+    def latency_quantile(self) -> float | None:
+        """The quantile a `latency_pNN_ms` check judges (0.99 for p99), else None."""
+        found = _LATENCY_METRIC.match(self.metric)
+        return float(found.group(1)) / 100.0 if found else None
+
     @model_validator(mode="after")
     def _limits(self) -> CanaryCheck:
         limits = [

@@ -27,6 +27,7 @@ from ._stats_quantile import (
     QuantileEstimate,
     quantile_difference,
     quantile_estimate,
+    quantile_estimates,
     quantile_test,
 )
 from ._stats_sequential import (
@@ -62,6 +63,7 @@ __all__ = [
     "cuped_test",
     "quantile_difference",
     "quantile_estimate",
+    "quantile_estimates",
     "quantile_test",
     "ratio_estimate",
     "sequential_srm_test",

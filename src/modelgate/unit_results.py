@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from modelgate.analysis_engine import ExperimentUnits
-from modelgate.analysis_system import SystemUnits
+from modelgate.analysis_system import GUARDRAIL_QUANTILES, SystemUnits
 from modelgate.results import per_arm_needed, with_still_needed
 from modelgate.stats import (
     DEFAULT_TUNING,
@@ -25,7 +25,6 @@ from modelgate.stats import (
     cuped_test,
     holm,
     quantile_difference,
-    quantile_estimate,
     ratio_estimate,
     sequential_srm_test,
     srm_test,
@@ -36,7 +35,7 @@ from modelgate.stats import (
 
 __all__ = ["QUANTILES", "guardrails", "metric_plan", "ratio_pairs", "unit_results"]
 
-QUANTILES = (0.5, 0.9, 0.99)  # the latency quantiles every result shows, per arm
+QUANTILES = GUARDRAIL_QUANTILES  # the latency quantiles every result shows, per arm
 
 _TESTS = {
     "mean": unit_mean_test,
@@ -177,7 +176,7 @@ def guardrails(
     for variant in variants:
         errors = system.errors.get(variant, UnitStats())
         latency = system.latency.get(variant, UnitStats())
-        per_request = system.latencies.get(variant)
+        per_request = system.quantiles.get(variant)
         out: dict[str, Any] = {
             "units": errors.count,
             "requests": round(errors.sum_y),
@@ -191,11 +190,10 @@ def guardrails(
                 estimates[variant, q] = "no measured request"
                 out["latency_ms"][key] = None
                 continue
-            try:
-                estimate = quantile_estimate(per_request.ms, per_request.units, q)
-            except ValueError as exc:
-                estimates[variant, q] = str(exc)
-                out["latency_ms"][key] = quantile_of(per_request.ms, q)
+            estimate = per_request.estimates.get(q, f"the p{q * 100:g} latency was not read")
+            if isinstance(estimate, str):
+                estimates[variant, q] = estimate
+                out["latency_ms"][key] = per_request.sample.get(q)
                 continue
             estimates[variant, q] = estimate
             out["latency_ms"][key] = estimate.estimate
@@ -236,14 +234,6 @@ def guardrails(
         "note": "from the exposure records: each answer's status and latency (exact to 1 us); "
         "an error is a 5xx or no answer; each test at the experiment's alpha, outside Holm",
     }
-
-
-def quantile_of(values: Any, q: float) -> float | None:
-    """The plain sample quantile, for arms too small for an interval."""
-    import numpy as np
-
-    data = np.asarray(values, dtype=float)
-    return float(np.quantile(data, q, method="inverted_cdf")) if data.size else None
 
 
 def unit_results(
