@@ -3,10 +3,14 @@ endpoints' shapes and errors, and the start-up rule for non-loopback addresses."
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelgate.admin import ADMIN_TOKEN_ENV, check_admin_exposure, resolve_admin_token
@@ -179,3 +183,50 @@ def test_admin_off_loopback_needs_a_token(monkeypatch: pytest.MonkeyPatch) -> No
 def test_a_short_token_is_a_config_error() -> None:
     with pytest.raises(Exception, match="admin_token: must be 16 to 512 visible ASCII"):
         validate_config(ab_config(admin_token="short"))
+
+
+def _two_experiments(**extra: Any) -> dict[str, Any]:
+    """The A/B route with a second experiment on the same traffic (flags the model reads)."""
+    config = ab_config(**extra)
+    route = config["routes"][0]
+    route["experiments"] = [
+        route.pop("experiment"),
+        {
+            "name": "flags",
+            "variants": [
+                {"name": "on", "upstream": "model-a", "weight": 1},
+                {"name": "off", "upstream": "model-a", "weight": 3},
+            ],
+        },
+    ]
+    return config
+
+
+@async_test
+async def test_status_lists_every_experiment_of_a_route() -> None:
+    """It used to show the route's first experiment only."""
+    async with admin_stack(_two_experiments(admin_token=TOKEN), MOCKS) as admin:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession(headers=auth) as session:
+            async with session.get(admin.admin_url + "/status") as response:
+                status = await response.json()
+    predict = status["routes"][0]
+    assert [e["name"] for e in predict["experiments"]] == ["ranker", "flags"]
+    assert [v["share"] for v in predict["experiments"][1]["variants"]] == [0.25, 0.75]
+    assert predict["experiment"]["name"] == "ranker"  # the first, as before
+    assert status["routes"][1]["experiments"] == [] and status["routes"][1]["experiment"] is None
+
+
+def test_check_counts_every_experiment_of_every_route(tmp_path: Path) -> None:
+    """`modelgate check` used to count routes with an experiment, not experiments."""
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(_two_experiments()))
+    result = subprocess.run(
+        [sys.executable, "-m", "modelgate", "check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(2 routes, 2 experiments, 2 upstreams)" in result.stdout

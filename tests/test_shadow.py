@@ -248,3 +248,43 @@ def test_an_unwritable_log_dir_does_not_stop_the_gateway(tmp_path: Path) -> None
             assert writer.stats()["write_errors"] >= 1
 
     run()
+
+
+@async_test
+async def test_a_pair_carries_the_experiment_that_assigned_its_variant() -> None:
+    """Two experiments split one layer: a unit is in one of them. Its shadow pair is labelled
+    with that experiment and its variant; it used to carry the route's first experiment's
+    name beside the second's variant for every unit the first one's layer left out."""
+    config = shadow_config()
+    route = config["routes"][0]
+    experiment = route.pop("experiment")
+    route["upstream"] = "model-a"
+    route["experiments"] = [
+        {
+            "name": "first",
+            "layer": "l",
+            "layer_share": 0.5,
+            "variants": [{"name": "f-on", "weight": 1}, {"name": "f-off", "weight": 1}],
+        },
+        {
+            "name": "second",
+            "layer": "l",
+            "layer_share": 0.5,
+            "variants": [{"name": "s-on", "weight": 1}, {"name": "s-off", "weight": 1}],
+        },
+    ]
+    assert experiment["name"] == "ranker"
+    async with gateway_stack(config, MOCKS) as stack, aiohttp.ClientSession() as session:
+        sink = attach(stack)
+        for i in range(40):
+            async with session.post(
+                stack.url + "/predict", data=b"{}", headers={"x-user-id": f"u{i}"}
+            ) as response:
+                assert response.status == 200
+                assert response.headers["x-modelgate-variant"]
+        await settle(stack)
+    assert len(sink.pairs) == 40
+    labels = {(p.experiment, p.variant) for p in sink.pairs}
+    assert {e for e, _ in labels} == {"first", "second"}  # both experiments took units
+    for experiment_name, variant in labels:
+        assert variant.startswith(experiment_name[0] + "-"), (experiment_name, variant)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from modelgate import __version__
-from modelgate.config import ConfigError, GatewayConfig, load_config
+from modelgate.config import ConfigError, GatewayConfig, load_config, route_experiments
 from modelgate.telemetry import VersionLogFilter
 
 __all__ = ["main"]
@@ -63,7 +63,7 @@ def _cmd_check(ns: argparse.Namespace) -> int:
     config = _load_or_print(ns.file)
     if config is None:
         return 1
-    experiments = sum(1 for r in config.routes if r.experiment is not None)
+    experiments = sum(len(route_experiments(r)) for r in config.routes)
     print(
         f"{ns.file}: ok ({len(config.routes)} routes, {experiments} experiments, "
         f"{len(config.upstreams)} upstreams)"

@@ -29,7 +29,7 @@ from modelgate.config import (
 from modelgate.config_document import DocumentError, load_yaml
 from modelgate.core import BUCKETS
 from modelgate.outcomes import merge_snapshots
-from modelgate.plan import Plan, compile_plan, config_digest
+from modelgate.plan import CompiledExperiment, Plan, compile_plan, config_digest
 from modelgate.safety import SafetyReport, safety_report
 from modelgate.telemetry import CountSlice, VersionedTally, VersionLogFilter, merge_exports
 
@@ -483,21 +483,26 @@ def _route_summary(plan: Plan, counts: dict[str, CountSlice]) -> list[dict[str, 
             "chaos": [c.name for c in route.spec.chaos],
             "requests": by_route.get(route.name, {"total": 0, "by_variant": {}, "by_class": {}}),
         }
-        exp = route.experiment
-        if exp is not None:
-            bounds = (0, *exp.table.boundaries)
-            summary["experiment"] = {
-                "name": exp.name,
-                "salt": exp.salt,
-                "variants": [
-                    {
-                        "name": v.name,
-                        "upstream": v.upstream,
-                        "weight": w,
-                        "share": (bounds[i + 1] - bounds[i]) / BUCKETS,
-                    }
-                    for i, (v, w) in enumerate(zip(exp.variants, exp.table.weights, strict=True))
-                ],
-            }
+        # Every experiment of the route (`experiments`); `experiment` stays the first's.
+        summary["experiments"] = [_experiment_summary(e) for e in route.experiments]
+        if summary["experiments"]:
+            summary["experiment"] = summary["experiments"][0]
         out.append(summary)
     return out
+
+
+def _experiment_summary(exp: CompiledExperiment) -> dict[str, Any]:
+    bounds = (0, *exp.table.boundaries)
+    return {
+        "name": exp.name,
+        "salt": exp.salt,
+        "variants": [
+            {
+                "name": v.name,
+                "upstream": v.upstream,
+                "weight": w,
+                "share": (bounds[i + 1] - bounds[i]) / BUCKETS,
+            }
+            for i, (v, w) in enumerate(zip(exp.variants, exp.table.weights, strict=True))
+        ],
+    }

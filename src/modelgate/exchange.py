@@ -607,13 +607,15 @@ class Exchange:
         return query_value(query, key) if sep else None
 
     def _begin_shadow(self, plan: Plan, route: CompiledRoute, unit: str | None) -> None:
-        experiment = route.experiment
+        # The pair is labelled with the experiment whose variant the request got (the first
+        # that assigned it: a layer may leave the unit out of the route's first experiment).
+        experiment = self.assignments[0][0] if self.assignments else ""
         session = self.client.gateway.shadows.begin(
             plan,
             route,
             self.method,
             unit,
-            (self.request_id, experiment.name if experiment else "", self.variant_name),
+            (self.request_id, experiment, self.variant_name),
             plan.limits.shadow_body_max_bytes,
         )
         if session is None:
