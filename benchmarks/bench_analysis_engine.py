@@ -1,9 +1,9 @@
 """Benchmark of the analysis engine (issue 13): one experiment's per-unit query over 10
 million exposure and 10 million feedback records of 1 million units, in the real record-file
-format (modelgate.record_synth), with DuckDB on one thread pinned to one CPU; the time of the
+format (modelgate.analysis.synth), with DuckDB on one thread pinned to one CPU; the time of the
 query and the process's peak memory (VmHWM, reset before the engine loads). The target is
 under 2 s and 1 GiB. The same path at 100k records is a test (tests/test_analysis_engine.py).
-The live engine (modelgate.analysis_live, what GET /experiments/{name} uses) is measured as
+The live engine (modelgate.analysis.live, what GET /experiments/{name} uses) is measured as
 that endpoint runs it (a refresh, the query, the binary-metrics scan, the gateway's own
 metrics and latency quantiles, the statistics), with nothing new and with new records before
 each call, and its refresh after 1% more records (a new file of each kind, then grown),
@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from modelgate.analysis_engine import AnalysisEngine
-from modelgate.analysis_live import close_live_engines, live_engine
+from modelgate.analysis.engine import AnalysisEngine
+from modelgate.analysis.live import close_live_engines, live_engine
 from modelgate.exposure import EXPOSURE_DTYPE
 from modelgate.feedbacklog import FEEDBACK_DTYPE
 
@@ -45,7 +45,7 @@ def record_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     logs = root / f"logs-{RECORDS}"
     if not (logs / "done").exists():
         _child(
-            "from modelgate.record_synth import Synthetic, write_synthetic\n"
+            "from modelgate.analysis.synth import Synthetic, write_synthetic\n"
             f"write_synthetic({str(logs)!r}, Synthetic(units={UNITS}, exposures={RECORDS}, "
             f"feedback={RECORDS}, records_per_file=1 << 20))\n"
         )
@@ -93,7 +93,7 @@ def test_engine_query_over_parquet(benchmark: Any, record_dir: Path) -> None:
     rolled = record_dir.with_name(record_dir.name + "-parquet")
     if not (rolled / "designs.json").exists():
         _child(
-            "from modelgate.analysis_load import write_parquet\n"
+            "from modelgate.analysis.load import write_parquet\n"
             f"write_parquet({str(record_dir)!r}, {str(rolled)!r})\n"
         )
     _measure(benchmark, AnalysisEngine.from_parquet, rolled, "Parquet roll-up")
@@ -113,14 +113,14 @@ def _grow(source: Path, target: Path, dtype: Any, records: int, day_ns: int) -> 
 
 
 def test_live_engine_as_the_endpoint_runs_it(benchmark: Any, record_dir: Path) -> None:
-    """GET /experiments/{name} as the admin API runs it (admin_results._from_logs: a refresh,
+    """GET /experiments/{name} as the admin API runs it (admin.results._from_logs: a refresh,
     the per-unit query, the binary-metrics scan, the gateway's own metrics with their latency
     quantiles per arm, the statistics). Peak memory apart for the first load and for the
     calls after it, each from a reset of VmHWM; then the calls with new records between
     them, as a gateway in traffic sees them (a new file of each kind, grown by 0.1% of the
     records before each call)."""
     benchmark.group = "analysis engine: one experiment"
-    from modelgate.admin_results import _from_logs
+    from modelgate.admin.results import _from_logs
 
     _reset_peak()
     live = live_engine(record_dir, threads=1)  # the one GET /experiments uses

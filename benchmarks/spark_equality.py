@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modelgate.analysis_engine import AnalysisEngine  # noqa: E402
-from modelgate.analysis_load import write_parquet  # noqa: E402
-from modelgate.analysis_spark import SparkAnalysisEngine  # noqa: E402
-from modelgate.analysis_system import system_units  # noqa: E402
+from modelgate.analysis.engine import AnalysisEngine  # noqa: E402
+from modelgate.analysis.load import write_parquet  # noqa: E402
+from modelgate.analysis.spark import SparkAnalysisEngine  # noqa: E402
+from modelgate.analysis.system import system_units  # noqa: E402
 from tests.test_analysis_spark import _close, _moments, _units_equal  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelgate.admin import ADMIN_TOKEN_ENV, check_admin_exposure, resolve_admin_token
+from modelgate.admin.app import ADMIN_TOKEN_ENV, check_admin_exposure, resolve_admin_token
 from modelgate.config import validate_config
 from modelgate.control import REDACTED
 from modelgate.mock import MockSettings

@@ -12,10 +12,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from modelgate.admin_token import TOKEN_ENV, TOKEN_FILE_ENV, TokenFileError, client_token
-from modelgate.canary_remote import GatewaysTarget
+from modelgate.admin.token import TOKEN_ENV, TOKEN_FILE_ENV, TokenFileError, client_token
 from modelgate.cli import main
 from modelgate.mock import MockSettings
+from modelgate.release.remote import GatewaysTarget
 
 from .support import (
     JSON_TYPE,

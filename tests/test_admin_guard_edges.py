@@ -9,13 +9,13 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from modelgate.admin_guard import AdminGuard, _is_ip_with_port, known_hosts
+from modelgate.admin.guard import AdminGuard, _is_ip_with_port, known_hosts
 
 
 def test_a_refusal_log_line_cannot_be_forged_through_the_url(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    forged = "2026-12-07 22:00:00,000 INFO modelgate.admin[1] v2 reloaded OK"
+    forged = "2026-12-07 22:00:00,000 INFO modelgate.admin.app[1] v2 reloaded OK"
     path = "/x%0a" + forged.replace(" ", "%20")
     request = make_mocked_request(
         "GET", path, headers=CIMultiDict({"Host": "evil.example\n" + forged})

@@ -17,9 +17,9 @@ import yaml
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from modelgate.admin import resolve_admin_token
-from modelgate.admin_guard import AdminGuard, known_hosts
-from modelgate.admin_token import TokenFileError, load_or_create_token, read_token_file
+from modelgate.admin.app import resolve_admin_token
+from modelgate.admin.guard import AdminGuard, known_hosts
+from modelgate.admin.token import TokenFileError, load_or_create_token, read_token_file
 from modelgate.config import ConfigError, validate_config
 from modelgate.mock import MockSettings
 from modelgate.server import StartupError

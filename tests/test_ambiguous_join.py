@@ -15,9 +15,9 @@ from pathlib import Path
 
 import aiohttp
 
-from modelgate.analysis_engine import AnalysisEngine
-from modelgate.analyze import results_from_logs
-from modelgate.analyze_logs import load_logs, snapshot_of
+from modelgate.analysis.engine import AnalysisEngine
+from modelgate.analyze.command import results_from_logs
+from modelgate.analyze.logs import load_logs, snapshot_of
 
 from .support import ab_config, async_test, gateway_stack
 from .test_feedback_trust import MOCKS, post, predict, variant_of

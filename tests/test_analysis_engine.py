@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from modelgate.analysis_engine import AnalysisEngine, AnalysisError, ExperimentUnits
-from modelgate.analysis_load import write_parquet
-from modelgate.analysis_sql import DIALECTS, for_dialect
+from modelgate.analysis.engine import AnalysisEngine, AnalysisError, ExperimentUnits
+from modelgate.analysis.load import write_parquet
+from modelgate.analysis.sql import DIALECTS, for_dialect
+from modelgate.analysis.synth import Synthetic, write_synthetic
 from modelgate.cli import main
 from modelgate.exposure import EXPOSURE_DTYPE, EXPOSURE_NAMES, FLAG_ENROLLED
 from modelgate.feedbacklog import FEEDBACK_DTYPE, FEEDBACK_NAMES, FLAG_BY_REQUEST_ID
-from modelgate.record_synth import Synthetic, write_synthetic
 from modelgate.recordfiles import iter_record_files
 from modelgate.stats import UnitStats
 

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from modelgate.analysis_engine import AnalysisEngine
-from modelgate.analysis_live import LiveEngine, RidKeys, UnitCodes, live_engine
-from modelgate.analysis_system import system_units
+from modelgate.analysis.engine import AnalysisEngine
+from modelgate.analysis.live import LiveEngine, RidKeys, UnitCodes, live_engine
+from modelgate.analysis.system import system_units
 from modelgate.core import xxh64
 from modelgate.exposure import (
     EXPOSURE_DTYPE,
@@ -332,7 +332,7 @@ def test_callers_that_wait_share_one_refresh(
 
 
 def test_one_engine_per_directory_and_results_from_it(tmp_path: Path, traffic: Traffic) -> None:
-    from modelgate.admin_results import _from_logs
+    from modelgate.admin.results import _from_logs
 
     traffic.requests(200)
     design = {

@@ -18,16 +18,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from modelgate.analysis_engine import AnalysisEngine, AnalysisError, ExperimentUnits
-from modelgate.analysis_load import write_parquet
-from modelgate.analysis_spark import SparkAnalysisEngine, local_session, roll_up_of
-from modelgate.analysis_system import system_units
-from modelgate.analyze import results_from_logs
+from modelgate.analysis.engine import AnalysisEngine, AnalysisError, ExperimentUnits
+from modelgate.analysis.load import write_parquet
+from modelgate.analysis.spark import SparkAnalysisEngine, local_session, roll_up_of
+from modelgate.analysis.synth import Synthetic, write_synthetic
+from modelgate.analysis.system import system_units
+from modelgate.analysis.unit_results import ratio_pairs, unit_results
+from modelgate.analyze.command import results_from_logs
 from modelgate.cli import main
 from modelgate.exposure import EXPOSURE_DTYPE, FLAG_MEASURED
-from modelgate.record_synth import Synthetic, write_synthetic
 from modelgate.stats import UnitStats
-from modelgate.unit_results import ratio_pairs, unit_results
 
 pytestmark = pytest.mark.spark
 

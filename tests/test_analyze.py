@@ -13,11 +13,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from modelgate.analyze import event_results_from_logs, results_from_logs
+from modelgate.analysis.results import experiment_results
+from modelgate.analyze.command import event_results_from_logs, results_from_logs
 from modelgate.cli import main
 from modelgate.mock import MockSettings
 from modelgate.outcomes import experiment_designs
-from modelgate.results import experiment_results
 
 from .support import admin_stack, async_test, free_port
 from .test_results import analysis_config, drive, flushed_results

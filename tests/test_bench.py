@@ -22,8 +22,8 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelgate.bench import BenchConfig, FeedbackSpec, format_report, run_bench
-from modelgate.bench_traffic import RequestFactory
+from modelgate.bench.run import BenchConfig, FeedbackSpec, format_report, run_bench
+from modelgate.bench.traffic import RequestFactory
 from modelgate.cli import main
 from modelgate.histogram import RELATIVE_ERROR, LatencyHistogram
 from modelgate.mock import MockSettings, start_mock

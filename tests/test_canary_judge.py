@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from modelgate.canary_judge import (
+from modelgate.config import CanarySpec, ConfigError, validate_config
+from modelgate.release.judge import (
     Arm,
     ExperimentView,
     Snapshot,
@@ -17,7 +18,6 @@ from modelgate.canary_judge import (
     srm_guard,
     window,
 )
-from modelgate.config import CanarySpec, ConfigError, validate_config
 
 from .canary_traffic import canary_config
 

@@ -20,8 +20,8 @@ import orjson
 import pytest
 import yaml
 
-from modelgate.canary_remote import EXIT_CODES
 from modelgate.mock import start_mock
+from modelgate.release.remote import EXIT_CODES
 
 from .canary_traffic import BASELINE, SCENARIOS, Scenario, Traffic, canary_config
 from .support import async_test, free_port, get_json, served_config, wait_listening

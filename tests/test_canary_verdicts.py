@@ -1,4 +1,4 @@
-"""The per-unit canary checks (modelgate.canary_verdicts) on simulated traffic with repeat
+"""The per-unit canary checks (modelgate.release.verdicts) on simulated traffic with repeat
 visitors: A/A canaries looked at again and again roll back at most at alpha, and the same
 checks over requests (the old way) do not; a real regression is caught."""
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from scipy import stats as sps  # type: ignore[import-untyped]
 
-from modelgate.analysis_system import ArmQuantiles, SystemUnits
-from modelgate.canary_judge import ExperimentView
-from modelgate.canary_records import Evidence
-from modelgate.canary_verdicts import judge_evidence, unit_srm_guard
+from modelgate.analysis.system import ArmQuantiles, SystemUnits
 from modelgate.config import CanarySpec
+from modelgate.release.judge import ExperimentView
+from modelgate.release.records import Evidence
+from modelgate.release.verdicts import judge_evidence, unit_srm_guard
 from modelgate.stats import UnitStats
 
 ARMS = ("control", "candidate")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from modelgate.analyze import results_from_logs
-from modelgate.demo import DemoRun, gateway_config, run_demo_async
+from modelgate.analyze.command import results_from_logs
+from modelgate.demo.run import DemoRun, gateway_config, run_demo_async
 from modelgate.difflog import read_difflog
 from modelgate.exposure import read_exposures
 

@@ -16,10 +16,10 @@ import aiohttp
 import numpy as np
 from scipy import stats as sps  # type: ignore[import-untyped]
 
-from modelgate.analysis_engine import AnalysisEngine
+from modelgate.analysis.engine import AnalysisEngine
+from modelgate.analysis.unit_results import unit_results
 from modelgate.mock import MockSettings
 from modelgate.stats import power
-from modelgate.unit_results import unit_results
 
 from .support import async_test, gateway_stack
 

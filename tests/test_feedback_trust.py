@@ -391,9 +391,9 @@ async def test_the_unit_secret_can_come_in_a_header_of_its_own() -> None:
 
 @async_test
 async def test_bench_posts_by_unit_with_the_secret_from_the_environment() -> None:
-    from modelgate.bench import run_bench
-    from modelgate.bench_config import BenchConfig
-    from modelgate.bench_config import FeedbackSpec as BenchFeedback
+    from modelgate.bench.config import BenchConfig
+    from modelgate.bench.config import FeedbackSpec as BenchFeedback
+    from modelgate.bench.run import run_bench
 
     config = ab_config(feedback={"unit_secret": SECRET})
     async with gateway_stack(config, MOCKS) as stack:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelgate.analyze_logs import load_logs
+from modelgate.analyze.logs import load_logs
 from modelgate.exposure import EXPOSURE_DTYPE, ExposureLog, read_exposures
 from modelgate.feedbacklog import FeedbackLog, read_feedback
 

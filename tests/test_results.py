@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats  # type: ignore[import-untyped]
 
+from modelgate.analysis.results import is_binary
 from modelgate.mock import MockSettings, start_mock
-from modelgate.results import is_binary
 from modelgate.stats import holm, proportion_sample_size, sample_size
 
 from .support import (

@@ -18,14 +18,14 @@ import pandas as pd
 import pytest
 from scipy import stats as sps  # type: ignore[import-untyped]
 
-from modelgate.analysis_engine import AnalysisEngine
-from modelgate.analyze import event_results_from_logs, results_from_logs
+from modelgate.analysis.engine import AnalysisEngine
+from modelgate.analysis.synth import Synthetic, write_synthetic
+from modelgate.analysis.unit_results import ratio_pairs, unit_results
+from modelgate.analyze.command import event_results_from_logs, results_from_logs
 from modelgate.cli import main
 from modelgate.exposure import read_exposures
 from modelgate.feedbacklog import read_feedback
 from modelgate.mock import MockSettings
-from modelgate.record_synth import Synthetic, write_synthetic
-from modelgate.unit_results import ratio_pairs, unit_results
 
 from .support import ab_config, async_test, gateway_stack
 

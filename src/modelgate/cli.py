@@ -89,7 +89,7 @@ def _cmd_mock(ns: argparse.Namespace) -> int:
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
-    from modelgate.demo import run_demo
+    from modelgate.demo.run import run_demo
 
     return run_demo(duration_s=ns.duration, rate=ns.rate, keep_running=ns.keep_running)
 
@@ -158,19 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     difflog = commands.add_parser("difflog", help="read shadow diff logs: summarize, show, export")
     configure_difflog(difflog)
 
-    from modelgate.analyze import configure_parser as configure_analyze
+    from modelgate.analyze.command import configure_parser as configure_analyze
 
     analyze = commands.add_parser("analyze", help="experiment results: a table, an HTML report")
     configure_analyze(analyze)
 
-    from modelgate.bench import configure_parser as configure_bench
-    from modelgate.bench import run_from_args as run_bench_from_args
+    from modelgate.bench.run import configure_parser as configure_bench
+    from modelgate.bench.run import run_from_args as run_bench_from_args
 
     bench = commands.add_parser("bench", help="drive a target at a fixed rate or concurrency")
     configure_bench(bench)
     bench.set_defaults(func=run_bench_from_args)
 
-    from modelgate.canary_remote import configure_parser as configure_canary
+    from modelgate.release.remote import configure_parser as configure_canary
 
     configure_canary(commands.add_parser("canary", help="run a canary from outside the gateways"))
     return parser

@@ -310,7 +310,7 @@ class CanaryCheck(_Strict):
 
 
 class CanarySpec(_Strict):
-    """A canary release of one experiment (see modelgate.canary for what each key does)."""
+    """A canary release of one experiment (see modelgate.release.canary for what each key does)."""
 
     baseline: str
     candidate: str

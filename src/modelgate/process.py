@@ -19,7 +19,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from modelgate.admin import bind_admin, check_admin_exposure, resolve_admin_token, start_admin
+from modelgate.admin.app import bind_admin, check_admin_exposure, resolve_admin_token, start_admin
 from modelgate.config import GatewayConfig
 from modelgate.control import ControlPlane
 from modelgate.plan import Plan, compile_plan

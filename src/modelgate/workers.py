@@ -25,7 +25,7 @@ from typing import Any
 
 import uvloop
 
-from modelgate.admin import bind_admin, check_admin_exposure, resolve_admin_token, start_admin
+from modelgate.admin.app import bind_admin, check_admin_exposure, resolve_admin_token, start_admin
 from modelgate.config import GatewayConfig
 from modelgate.control import ControlPlane, ReloadError
 from modelgate.plan import Plan, compile_plan
