@@ -19,9 +19,9 @@ from modelgate.diff import (
     DiffKind,
     Verdict,
     compare,
-    format_pointer,
-    parse_pointer,
 )
+from modelgate.jsonpointer import format_pointer
+from modelgate.jsonpointer import parse as parse_pointer
 
 JSON = b"application/json"
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from modelgate.core import bucket
+from modelgate.jsonpointer import locate, parse
 
 if TYPE_CHECKING:
     from modelgate.config import ChaosRule, DelaySpec, ModelFaultSpec
@@ -265,24 +266,8 @@ def _apply_requested(
 
 
 def _resolve(document: Any, pointer: str) -> tuple[Any, str | int] | None:
-    """The container and key a JSON pointer names (RFC 6901), or None when absent."""
-    if pointer == "":
-        return None
-    parts = [p.replace("~1", "/").replace("~0", "~") for p in pointer[1:].split("/")]
-    node = document
-    for part in parts[:-1]:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-    last = parts[-1]
-    if isinstance(node, dict) and last in node:
-        return node, last
-    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-        return node, int(last)
-    return None
+    """The container and key a JSON pointer names, or None when absent."""
+    return locate(document, parse(pointer))
 
 
 def _numbers_at(document: Any, pointer: str) -> list[tuple[Any, str | int]]:

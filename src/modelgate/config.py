@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from modelgate.config_document import DocumentError, check_document, load_yaml, path_key
+from modelgate.jsonpointer import check as check_pointer
 
 __all__ = [
     "METRIC_KINDS",
@@ -499,10 +500,7 @@ class CompareSpec(_Strict):
     def _pointers(cls, value: list[str] | None) -> list[str] | None:
         # Checked here so a typo ("score" for "/score") fails at load, not silently at compare.
         for pointer in value or ():
-            if pointer and not pointer.startswith("/"):
-                raise ValueError(f"not a JSON pointer (RFC 6901), missing '/': {pointer!r}")
-            if re.search(r"~(?![01])", pointer):
-                raise ValueError(f"bad escape in JSON pointer (only ~0 and ~1): {pointer!r}")
+            check_pointer(pointer)
         return value
 
 
@@ -581,6 +579,11 @@ class LabelFlip(_Strict):
     labels: list[str | int] = Field(min_length=2)
     probability: float = Field(1.0, ge=0, le=1)
 
+    @field_validator("pointer")
+    @classmethod
+    def _pointer(cls, value: str) -> str:
+        return check_pointer(value)
+
 
 class PointerReplace(_Strict):
     pointers: list[str] = Field(min_length=1)
@@ -600,13 +603,8 @@ class ModelFaultSpec(_Strict):
     @classmethod
     def _pointers(cls, value: Any) -> Any:
         for pointer in getattr(value, "pointers", None) or []:
-            _check_pointer(pointer)
+            check_pointer(pointer)
         return value
-
-
-def _check_pointer(pointer: str) -> None:
-    if pointer and not pointer.startswith("/"):
-        raise ValueError(f"JSON pointer must start with '/', got {pointer!r}")
 
 
 class ChaosRule(_Strict):

@@ -13,6 +13,7 @@ from typing import Any, Final, NamedTuple, Protocol
 import orjson
 
 from modelgate.config import CompareSpec
+from modelgate.jsonpointer import ABSENT, format_pointer, parse, resolve
 
 __all__ = [
     "MAX_DIFFERENCES",
@@ -23,8 +24,6 @@ __all__ = [
     "Difference",
     "Verdict",
     "compare",
-    "format_pointer",
-    "parse_pointer",
 ]
 
 # A Comparison lists at most this many differences; `n_diff` counts them all.
@@ -116,23 +115,10 @@ class Comparison(NamedTuple):
 # Answers without a body comparison share these: compare's common cases allocate nothing.
 _PLAIN: Final = {verdict: Comparison(verdict) for verdict in Verdict}
 
-_MISSING: Final = object()
+_MISSING: Final = ABSENT
 _CONTAINERS: Final = frozenset({dict, list})
 _SCALARS: Final = frozenset({str, int, float, bool, type(None)})
 _IGNORE, _RANKED, _ARGMAX = 1, 2, 3
-
-
-def parse_pointer(pointer: str) -> tuple[str, ...]:
-    """RFC 6901: "" is the whole document, "/a~1b/0" is ("a/b", "0")."""
-    if not pointer:
-        return ()
-    if not pointer.startswith("/"):
-        raise ValueError(f"not a JSON pointer: {pointer!r}")
-    return tuple(t.replace("~1", "/").replace("~0", "~") for t in pointer[1:].split("/"))
-
-
-def format_pointer(tokens: tuple[str | int, ...] | list[str | int]) -> str:
-    return "".join("/" + str(t).replace("~", "~0").replace("/", "~1") for t in tokens)
 
 
 # A path is a linked list (parent, token) built as the walk descends; the pointer string is
@@ -166,7 +152,7 @@ class _Compiled:
         if spec.fields is not None:
             self.fields = []
             for pointer in spec.fields:
-                tokens = parse_pointer(pointer)
+                tokens = parse(pointer)
                 node, ignored = self.root, False
                 path: _Path = None
                 for token in tokens:
@@ -177,7 +163,7 @@ class _Compiled:
                     self.fields.append((tokens, path, node))
         # Set when the whole-document shortcut applies: no `fields`, every ignore top-level.
         self.top_ignores: frozenset[str] | None = None
-        ignores = [parse_pointer(pointer) for pointer in spec.ignore]
+        ignores = [parse(pointer) for pointer in spec.ignore]
         if spec.fields is None and all(len(t) == 1 for t in ignores):
             self.top_ignores = frozenset(t[0] for t in ignores)
         self.abs = spec.abs
@@ -188,7 +174,7 @@ class _Compiled:
     @staticmethod
     def _insert(root: _Node, pointer: str, mode: int) -> None:
         node = root
-        for token in parse_pointer(pointer):
+        for token in parse(pointer):
             node = node.children.setdefault(token, _Node())
         node.mode = mode
 
@@ -374,7 +360,7 @@ class _Walk:
             if len(tokens) == 1 and type(a) is dict and type(b) is dict:
                 va, vb = a.get(tokens[0], _MISSING), b.get(tokens[0], _MISSING)
             else:
-                va, vb = _resolve(a, tokens), _resolve(b, tokens)
+                va, vb = resolve(a, tokens), resolve(b, tokens)
             if va is _MISSING:
                 if vb is not _MISSING:
                     self.add(path, DiffKind.EXTRA, None, vb)
@@ -538,22 +524,3 @@ class _Walk:
         self.ranked += 1
         self.min_overlap = min(self.min_overlap, overlap)
         return True
-
-
-def _resolve(doc: Any, tokens: tuple[str, ...]) -> Any:
-    for token in tokens:
-        if type(doc) is dict:
-            doc = doc.get(token, _MISSING)
-            if doc is _MISSING:
-                return _MISSING
-        elif type(doc) is list:
-            # RFC 6901 array index: digits without a leading zero ("-" is past the end).
-            if not token.isdigit() or (token[0] == "0" and len(token) > 1):
-                return _MISSING
-            index = int(token)
-            if index >= len(doc):
-                return _MISSING
-            doc = doc[index]
-        else:
-            return _MISSING
-    return doc
