@@ -37,6 +37,7 @@ from modelgate.difflog import (
     read_difflog,
     read_payload,
 )
+from modelgate.stats import wilson_interval
 
 JSON = b"application/json"
 SPEC = CompareSpec(ignore=["/model"])
@@ -398,11 +399,11 @@ def sample_log(tmp_path: Path) -> Path:
 
 
 def test_wilson_interval() -> None:
-    low, high = difflog_cli.wilson_interval(5, 10)
+    low, high = wilson_interval(5, 10)
     assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
-    low, high = difflog_cli.wilson_interval(0, 10)
+    low, high = wilson_interval(0, 10)
     assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
-    assert all(np.isnan(v) for v in difflog_cli.wilson_interval(0, 0))
+    assert all(np.isnan(v) for v in wilson_interval(0, 0))
 
 
 def test_summarize_json(sample_log: Path, capsys: pytest.CaptureFixture[str]) -> None:

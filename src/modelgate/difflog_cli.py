@@ -21,23 +21,12 @@ if TYPE_CHECKING:
 
     from modelgate.difflog import DiffLogNames
 
-__all__ = ["configure_parser", "main", "summarize", "wilson_interval"]
+__all__ = ["configure_parser", "main", "summarize"]
 
 _VERDICTS = tuple(verdict.value for verdict in Verdict)  # in code order
 # Both sides answered without a server error: the pairs an agreement rate is about.
 _COMPARED = ("equal", "within_tolerance", "differs", "not_json")
 _QUANTILES = (50, 90, 99)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """The Wilson score interval for a proportion (95% by default); (nan, nan) when n == 0."""
-    if n == 0:
-        return math.nan, math.nan
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float | None]:
@@ -56,6 +45,7 @@ def summarize(records: np.ndarray, names: DiffLogNames, top: int = 10) -> dict[s
     import numpy as np
 
     from modelgate.difflog import FLAG_ARGMAX_CHANGED, FLAG_VECTORS, iter_payloads
+    from modelgate.stats import wilson_interval
 
     pairs = []
     keys = records["route_id"].astype(np.int64) << 8 | records["shadow_id"]

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from modelgate.config import CanaryCheck, CanarySpec, GatewayConfig, route_experiments
 from modelgate.outcomes import LATENCY_BUCKETS_S, latency_quantile
-from modelgate.stats import proportion_test, srm_test, welch_test
+from modelgate.stats import proportion_test, srm_test, welch_test, wilson_interval
 
 __all__ = [
     "DEFAULT_CHECKS",
@@ -236,13 +236,6 @@ def worst(outcomes: list[Outcome]) -> Outcome:
     return "fail" if "fail" in outcomes else "wait" if "wait" in outcomes else "pass"
 
 
-def _wilson(x: float, n: float, z: float) -> tuple[float, float]:
-    p = x / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
 def _error_rate(check: CanaryCheck, base: Arm, cand: Arm, alpha: float) -> CheckResult:
     # Two-sided 1 - 2 alpha intervals are one-sided 1 - alpha bounds.
     test = proportion_test(
@@ -263,7 +256,7 @@ def _error_rate(check: CanaryCheck, base: Arm, cand: Arm, alpha: float) -> Check
         )
     if check.max_value is not None:
         z = statistics.NormalDist().inv_cdf(1.0 - alpha)
-        low, high = _wilson(round(cand.errors), round(cand.requests), z)
+        low, high = wilson_interval(round(cand.errors), round(cand.requests), z)
         verdicts.append((f"rate <= {check.max_value:g}", against(low, high, check.max_value)))
     outcome = worst([v for _, v in verdicts])
     return CheckResult(

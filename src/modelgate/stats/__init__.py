@@ -49,6 +49,7 @@ from ._significance import (
     proportion_test,
     srm_test,
     welch_test,
+    wilson_interval,
 )
 from ._summary import SummaryStats
 from ._units import UnitStats
@@ -88,4 +89,5 @@ __all__ = [
     "sample_size",
     "srm_test",
     "welch_test",
+    "wilson_interval",
 ]

@@ -178,6 +178,20 @@ def welch_test(
     )
 
 
+def wilson_interval(
+    successes: float, n: float, z: float = 1.959963984540054
+) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% by default, `z` for another level);
+    (nan, nan) when n is 0. Kept in [0, 1], where the plain normal interval is not."""
+    if n == 0:
+        return math.nan, math.nan
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def proportion_test(
     x_a: int, n_a: int, x_b: int, n_b: int, alpha: float = 0.05
 ) -> ProportionResult:
