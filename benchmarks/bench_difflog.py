@@ -17,7 +17,7 @@ import pytest
 from modelgate.config import CompareSpec
 from modelgate.diff import Answer, Verdict, compare
 from modelgate.difflog import DIFF_DTYPE, NO_PAYLOAD, RECORD_SIZE, DiffJob, DiffLogWriter
-from modelgate.mock import predict
+from modelgate.mock.server import predict
 
 JSON = b"application/json"
 PAIRS = 100_000  # jobs per end-to-end round

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 
 from .support import ab_config, get_json, wait_until
 

@@ -23,9 +23,9 @@ from aiohttp import web
 
 from modelgate.config import validate_config
 from modelgate.control import ControlPlane
-from modelgate.mock import MockSettings, start_mock
+from modelgate.mock.server import MockSettings, start_mock
 from modelgate.plan import compile_plan
-from modelgate.process import attach_control
+from modelgate.runtime.serve import attach_control
 from modelgate.server import Gateway, bind_socket
 
 # What the admin API needs on a change without a body (a body-less POST /reload reloads the

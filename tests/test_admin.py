@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from modelgate.admin.app import ADMIN_TOKEN_ENV, check_admin_exposure, resolve_admin_token
 from modelgate.config import validate_config
 from modelgate.control import REDACTED
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 from modelgate.server import StartupError
 
 from .support import JSON_TYPE, ab_config, admin_stack, async_test

@@ -14,7 +14,7 @@ import pytest
 
 from modelgate.admin.token import TOKEN_ENV, TOKEN_FILE_ENV, TokenFileError, client_token
 from modelgate.cli import main
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 from modelgate.release.remote import GatewaysTarget
 
 from .support import (

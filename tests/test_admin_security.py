@@ -21,7 +21,7 @@ from modelgate.admin.app import resolve_admin_token
 from modelgate.admin.guard import AdminGuard, known_hosts
 from modelgate.admin.token import TokenFileError, load_or_create_token, read_token_file
 from modelgate.config import ConfigError, validate_config
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 from modelgate.server import StartupError
 
 from .support import AdminStack, ab_config, admin_stack, async_test

@@ -16,7 +16,7 @@ import pytest
 from modelgate.analysis.results import experiment_results
 from modelgate.analyze.command import event_results_from_logs, results_from_logs
 from modelgate.cli import main
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 from modelgate.outcomes import experiment_designs
 
 from .support import admin_stack, async_test, free_port

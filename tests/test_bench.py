@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from modelgate.bench.run import BenchConfig, FeedbackSpec, format_report, run_bench
 from modelgate.bench.traffic import RequestFactory
 from modelgate.cli import main
-from modelgate.histogram import RELATIVE_ERROR, LatencyHistogram
-from modelgate.mock import MockSettings, start_mock
+from modelgate.mock.server import MockSettings, start_mock
+from modelgate.telemetry.histogram import RELATIVE_ERROR, LatencyHistogram
 
 from .support import (
     ab_config,

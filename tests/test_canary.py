@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelgate.mock import MockSettings, start_mock
+from modelgate.mock.server import MockSettings, start_mock
 
 from .canary_traffic import (
     BASELINE,

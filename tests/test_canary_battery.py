@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 from scipy import stats as sps  # type: ignore[import-untyped]
 
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 
 from .canary_traffic import TERMINAL
 from .support import admin_stack, async_test, get_json, wait_until

@@ -20,7 +20,7 @@ import orjson
 import pytest
 import yaml
 
-from modelgate.mock import start_mock
+from modelgate.mock.server import start_mock
 from modelgate.release.remote import EXIT_CODES
 
 from .canary_traffic import BASELINE, SCENARIOS, Scenario, Traffic, canary_config

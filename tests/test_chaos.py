@@ -16,7 +16,7 @@ import xxhash
 
 from modelgate.chaos import sample_delay_ms
 from modelgate.config import ConfigError, DelaySpec, validate_config
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 
 from .support import (
     Stack,

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from modelgate import control as control_module
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 
 from .support import JSON_TYPE, ab_config, admin_stack, async_test
 

@@ -18,7 +18,7 @@ from scipy import stats as sps  # type: ignore[import-untyped]
 
 from modelgate.analysis.engine import AnalysisEngine
 from modelgate.analysis.unit_results import unit_results
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 from modelgate.stats import power
 
 from .support import async_test, gateway_stack

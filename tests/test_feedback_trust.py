@@ -18,7 +18,7 @@ import xxhash
 
 from modelgate.config import ConfigError, validate_config
 from modelgate.control import REDACTED
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 from modelgate.outcomes import FeedbackError, OutcomeStore
 from modelgate.plan import compile_plan
 

@@ -12,7 +12,7 @@ import xxhash
 
 from modelgate.exposure import EXPOSURE_DTYPE, ExposureLog
 from modelgate.feedbacklog import FEEDBACK_DTYPE, read_feedback
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 from modelgate.recordlog import iter_record_files
 
 from .support import ab_config, async_test, gateway_stack

@@ -12,7 +12,7 @@ import orjson
 
 from modelgate.connection import FEED_SLICE, MAX_PIPELINE, ClientConnection
 from modelgate.exchange import Exchange
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 
 from .support import (
     async_test,

@@ -6,8 +6,8 @@ so a lazy import inside a function counts as much as one at the top.
 The layers, highest first; a module imports only from its own layer or a lower one, and
 `stats` from nothing else of the package:
 
-    tools      cli, __main__, analyze/, bench/, demo/, mock, models, difflog_cli, reference
-    runtime    process, workers, worker_process, watch
+    tools      cli, __main__, analyze/, bench/, demo/, mock/, difflog_cli, reference
+    runtime    runtime/
     admin      admin/
     release    release/
     control    control, safety
@@ -16,8 +16,8 @@ The layers, highest first; a module imports only from its own layer or a lower o
     features   experiments (unit, targeting, exposure and feedback records, outcomes),
                shadow (shadow, diff, difflog), chaos (chaos, faults)
     transport  upstream, http11
-    base       config, config_document, telemetry, metrics, histogram, logfiles,
-               logretention, jsonpointer, stats/
+    base       config, config_document, telemetry/, logfiles, logretention, jsonpointer,
+               stats/
     core       core, _core_py, _faces
 
 KNOWN lists the imports that break the rule today, each to be removed by the redesign's
@@ -42,8 +42,6 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "config",
         "config_document",
         "telemetry",
-        "metrics",
-        "histogram",
         "logfiles",
         "logretention",
         "jsonpointer",
@@ -72,7 +70,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "control": ("control", "safety"),
     "release": ("release",),
     "admin": ("admin",),
-    "runtime": ("process", "workers", "worker_process", "watch"),
+    "runtime": ("runtime",),
     "tools": (
         "cli",
         "__main__",
@@ -81,7 +79,6 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "bench",
         "demo",
         "mock",
-        "models",
         "difflog_cli",
         "reference",
     ),

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from modelgate.difflog import read_difflog
 from modelgate.exposure import EXPOSURE_DTYPE, read_exposures
-from modelgate.mock import MockSettings, start_mock
+from modelgate.mock.server import MockSettings, start_mock
 
 from .support import (
     ServeProcesses,

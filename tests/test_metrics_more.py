@@ -15,8 +15,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from modelgate.mock import MockSettings
-from modelgate.telemetry import LATENCY_BUCKETS_S, Counters, CountSlice, merge_exports
+from modelgate.mock.server import MockSettings
+from modelgate.telemetry.counts import LATENCY_BUCKETS_S, Counters, CountSlice, merge_exports
 
 from .support import ab_config, admin_stack, async_test, wait_until
 from .test_outcomes import variant_of

@@ -1,4 +1,4 @@
-"""Tests of the fake model server (modelgate.mock) over real loopback sockets."""
+"""Tests of the fake model server (modelgate.mock.server) over real loopback sockets."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 import pytest
 
-from modelgate.mock import (
+from modelgate.mock.server import (
     LABELS,
     LatencyDist,
     MockSettings,
@@ -428,7 +428,7 @@ def test_command_line_serves_until_sigterm() -> None:
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
     }
-    code = "import sys; from modelgate.mock import main; sys.exit(main())"
+    code = "import sys; from modelgate.mock.server import main; sys.exit(main())"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "--port", "0", "--name", "cli-model"],
         stdout=subprocess.PIPE,

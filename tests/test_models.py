@@ -13,8 +13,8 @@ import pytest
 from sklearn.datasets import load_iris  # type: ignore[import-untyped]
 from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
 
-from modelgate.mock import MockSettings, start_mock
-from modelgate.models import SklearnPredictor, load_predictor
+from modelgate.mock.models import SklearnPredictor, load_predictor
+from modelgate.mock.server import MockSettings, start_mock
 
 from .support import async_test
 

@@ -16,7 +16,7 @@ import xxhash
 from scipy import stats as scipy_stats  # type: ignore[import-untyped]
 
 from modelgate.exposure import EXPOSURE_DTYPE, LEGACY_EXPOSURE_DTYPE, read_exposures
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 from modelgate.outcomes import LATENCY_BUCKETS_S, Moments, latency_quantile
 from modelgate.stats import welch_test
 

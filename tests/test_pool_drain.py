@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from modelgate.config import validate_config
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 from modelgate.plan import compile_plan
 
 from .support import async_test, gateway_stack, raw_exchange, simple_config, with_ports

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 
 from .support import (
     async_test,

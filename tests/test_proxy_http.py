@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 
 from .support import (
     RawResponse,

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import xxhash
 
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 
 from .support import ab_config, async_test, gateway_stack, raw_exchange
 

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 
 from .support import JSON_TYPE, AdminStack, ab_config, admin_stack, async_test
 from .test_proxy_routing import expected_variant

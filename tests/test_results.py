@@ -16,7 +16,7 @@ import pytest
 from scipy import stats as scipy_stats  # type: ignore[import-untyped]
 
 from modelgate.analysis.results import is_binary
-from modelgate.mock import MockSettings, start_mock
+from modelgate.mock.server import MockSettings, start_mock
 from modelgate.stats import holm, proportion_sample_size, sample_size
 
 from .support import (

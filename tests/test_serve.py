@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from modelgate.mock import MockSettings, start_mock
+from modelgate.mock.server import MockSettings, start_mock
 
 from .support import (
     ServeProcesses,

@@ -13,7 +13,7 @@ import orjson
 import xxhash
 
 from modelgate.difflog import DIFF_DTYPE, read_difflog
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 from modelgate.shadow import ShadowPair
 
 from .support import Stack, ab_config, async_test, gateway_stack

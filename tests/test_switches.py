@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 
 from .support import AdminStack, ab_config, admin_stack, async_test, get_json, write_config
 

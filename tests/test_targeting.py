@@ -12,7 +12,7 @@ import pytest
 import xxhash
 
 from modelgate.config import ConfigError, validate_config
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 from modelgate.targeting import parse_semver
 
 from .support import Stack, ab_config, async_test, gateway_stack

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 
-from modelgate import telemetry
-from modelgate.telemetry import (
+from modelgate.telemetry import counts as telemetry
+from modelgate.telemetry.counts import (
     OLDER_VERSIONS,
     Counters,
     CountSlice,

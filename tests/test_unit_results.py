@@ -25,7 +25,7 @@ from modelgate.analyze.command import event_results_from_logs, results_from_logs
 from modelgate.cli import main
 from modelgate.exposure import read_exposures
 from modelgate.feedbacklog import read_feedback
-from modelgate.mock import MockSettings
+from modelgate.mock.server import MockSettings
 
 from .support import ab_config, async_test, gateway_stack
 

@@ -6,7 +6,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from modelgate.watch import watch_file
+from modelgate.runtime.watch import watch_file
 
 from .support import async_test
 

@@ -17,9 +17,9 @@ import pytest
 from modelgate.config import GatewayConfig, validate_config
 from modelgate.control import ReloadError
 from modelgate.plan import compile_plan
+from modelgate.runtime.worker import WorkerState, receive_frame, send_frame
+from modelgate.runtime.workers import WorkerPool, _Worker
 from modelgate.server import Gateway
-from modelgate.worker_process import WorkerState, receive_frame, send_frame
-from modelgate.workers import WorkerPool, _Worker
 
 from .support import ab_config, async_test
 

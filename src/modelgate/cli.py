@@ -11,7 +11,7 @@ from pathlib import Path
 
 from modelgate import __version__
 from modelgate.config import ConfigError, GatewayConfig, load_config, route_experiments
-from modelgate.telemetry import VersionLogFilter
+from modelgate.telemetry.counts import VersionLogFilter
 
 __all__ = ["main"]
 
@@ -27,9 +27,9 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_serve(ns: argparse.Namespace) -> int:
-    from modelgate.process import serve
+    from modelgate.runtime.serve import serve
+    from modelgate.runtime.workers import serve_workers
     from modelgate.server import StartupError
-    from modelgate.workers import serve_workers
 
     path = Path(ns.config)
     try:
@@ -83,7 +83,7 @@ def _cmd_check(ns: argparse.Namespace) -> int:
 
 
 def _cmd_mock(ns: argparse.Namespace) -> int:
-    from modelgate.mock import run_from_args
+    from modelgate.mock.server import run_from_args
 
     return run_from_args(ns)
 
@@ -95,7 +95,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from modelgate.mock import configure_parser as configure_mock
+    from modelgate.mock.server import configure_parser as configure_mock
 
     parser = argparse.ArgumentParser(
         prog="modelgate",

@@ -31,7 +31,7 @@ from modelgate.core import BUCKETS
 from modelgate.outcomes import merge_snapshots
 from modelgate.plan import CompiledExperiment, Plan, compile_plan, config_digest
 from modelgate.safety import SafetyReport, safety_report
-from modelgate.telemetry import CountSlice, VersionedTally, VersionLogFilter, merge_exports
+from modelgate.telemetry.counts import CountSlice, VersionedTally, VersionLogFilter, merge_exports
 
 __all__ = [
     "REDACTED",
@@ -385,7 +385,8 @@ class ControlPlane:
         plan = self.plan
         workers, counts = await asyncio.gather(self.target.workers(), self.counts())
         # Each serving process says which config version it serves; `current` when that is
-        # the control plane's (with --workers, one behind has missed a commit; see workers.py).
+        # the control plane's (with --workers, one behind has missed a commit: see
+        # runtime/workers.py).
         workers = [{"current": w.get("version") == plan.version, **w} for w in workers]
         totals = self.reloads.totals()
         return {

@@ -23,7 +23,7 @@ from modelgate.feedback_checks import FeedbackError, MetricGate
 from modelgate.feedback_tokens import Credential
 from modelgate.feedbacklog import FLAG_BY_REQUEST_ID, FLAG_ENROLLED, FeedbackLog
 from modelgate.logretention import retention_of
-from modelgate.telemetry import LATENCY_BUCKETS_S
+from modelgate.telemetry.counts import LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
     from modelgate.config import FeedbackSpec, GatewayConfig

@@ -2,7 +2,7 @@
 
 `Gateway` holds the one Plan reference requests read; `swap()` replaces it atomically and
 keeps warm upstream pools. Running it as a process (signals, admin API, workers) is
-process.py's and workers.py's; deciding what to swap in is control.py's.
+runtime/serve.py's and runtime/workers.py's; deciding what to swap in is control.py's.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from modelgate.exchange import Exchange
 from modelgate.outcomes import OutcomeStore
 from modelgate.plan import Plan
 from modelgate.shadow import ShadowDispatcher
-from modelgate.telemetry import Counters, VersionLogFilter
+from modelgate.telemetry.counts import Counters, VersionLogFilter
 from modelgate.upstream import UpstreamRegistry
 
 __all__ = ["Gateway", "StartupError", "bind_socket"]

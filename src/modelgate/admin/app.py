@@ -27,8 +27,8 @@ from modelgate.admin.token import TOKEN_ENV, TokenFileError, load_or_create_toke
 from modelgate.config import GatewayConfig
 from modelgate.control import ControlPlane, ReloadError
 from modelgate.http11 import is_valid_request_id
-from modelgate.metrics import MetricsSnapshot, render_metrics
 from modelgate.server import StartupError, bind_socket
+from modelgate.telemetry.prometheus import MetricsSnapshot, render_metrics
 
 __all__ = [
     "ADMIN_TOKEN_ENV",

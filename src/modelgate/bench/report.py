@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelgate.histogram import RELATIVE_ERROR, LatencyHistogram
+from modelgate.telemetry.histogram import RELATIVE_ERROR, LatencyHistogram
 
 __all__ = [
     "NO_VARIANT",

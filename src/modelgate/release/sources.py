@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from modelgate.outcomes import LATENCY_BUCKETS_S
 from modelgate.release.canary import STATES, CanaryError
 from modelgate.release.judge import Arm, ExperimentView, Snapshot, Sums, Totals
-from modelgate.telemetry import CountSlice
+from modelgate.telemetry.counts import CountSlice
 
 if TYPE_CHECKING:
     pass

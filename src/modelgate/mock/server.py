@@ -20,7 +20,7 @@ import uvloop
 import xxhash
 from aiohttp import web
 
-from modelgate.models import ModelError, load_predictor
+from modelgate.mock.models import ModelError, load_predictor
 
 __all__ = [
     "DEFAULT_DRIFT",
@@ -114,7 +114,7 @@ class MockSettings:
     drift: float = DEFAULT_DRIFT
     max_body_bytes: int = 64 * 1024 * 1024
     # A real model instead of the hash-based fake: called with the body, returns the answer
-    # (modelgate.models.SklearnPredictor; raises ModelError for a bad request).
+    # (modelgate.mock.models.SklearnPredictor; raises ModelError for a bad request).
     predictor: Callable[[bytes], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ import orjson
 
 from modelgate.config import ConfigError, GatewayConfig, validate_config
 from modelgate.plan import Plan, compile_plan
-from modelgate.process import process_telemetry, start_gateway, switch_chaos
+from modelgate.runtime.serve import process_telemetry, start_gateway, switch_chaos
 from modelgate.server import Gateway, StartupError, bind_socket
 
 __all__ = ["MAX_FRAME", "WorkerState", "receive_frame", "send_frame", "worker_main"]

@@ -1,5 +1,5 @@
 """`modelgate serve --workers N`: the parent runs the control plane and the admin API; each
-forked worker (worker_process.py) runs a Gateway on the shared SO_REUSEPORT port and takes
+forked worker (runtime/worker.py) runs a Gateway on the shared SO_REUSEPORT port and takes
 orders from the parent over a socketpair.
 
 A reload is applied in two phases with a generation number, one per round: every live worker
@@ -29,10 +29,10 @@ from modelgate.admin.app import bind_admin, check_admin_exposure, resolve_admin_
 from modelgate.config import GatewayConfig
 from modelgate.control import ControlPlane, ReloadError
 from modelgate.plan import Plan, compile_plan
-from modelgate.process import supervise
+from modelgate.runtime.serve import supervise
+from modelgate.runtime.worker import receive_frame, send_frame, worker_main
 from modelgate.server import bind_socket
-from modelgate.telemetry import CountSlice
-from modelgate.worker_process import receive_frame, send_frame, worker_main
+from modelgate.telemetry.counts import CountSlice
 
 __all__ = ["WorkerPool", "serve_workers"]
 

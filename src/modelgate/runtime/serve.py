@@ -23,9 +23,9 @@ from modelgate.admin.app import bind_admin, check_admin_exposure, resolve_admin_
 from modelgate.config import GatewayConfig
 from modelgate.control import ControlPlane
 from modelgate.plan import Plan, compile_plan
+from modelgate.runtime.watch import watch_file
 from modelgate.server import Gateway, bind_socket
-from modelgate.telemetry import CountSlice
-from modelgate.watch import watch_file
+from modelgate.telemetry.counts import CountSlice
 
 __all__ = [
     "LocalTarget",

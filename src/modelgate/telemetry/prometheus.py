@@ -14,7 +14,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from modelgate.telemetry import LATENCY_BUCKETS_S, SCALAR_COUNTERS, TRACKED_FAMILIES, CountSlice
+from modelgate.telemetry.counts import (
+    LATENCY_BUCKETS_S,
+    SCALAR_COUNTERS,
+    TRACKED_FAMILIES,
+    CountSlice,
+)
 
 __all__ = ["MetricsSnapshot", "render_metrics"]
 
