@@ -189,8 +189,8 @@ class Refresh:
     seconds: float
 
 
-def _tails(table: pa.Table) -> npt.NDArray[np.int64]:
-    """The request id tail keys of a table's rows."""
+def _keys(table: pa.Table) -> npt.NDArray[np.int64]:
+    """The request id tail keys (RidKeys) of a table's rows."""
     return np.asarray(table.column("rid_key").to_numpy(), dtype=np.int64)
 
 
@@ -498,21 +498,21 @@ class LiveEngine:
         them); every value with such a tail gets the outcome (_Attribution). After
         exposures were dropped or read again, every value is resolved again."""
         new = self._new["feedback_by_request"]
-        asked_new = [_tails(t) for t in new]
         if self._reset:
             chunks = [
-                _tails(c)
+                _keys(c)
                 for s in self._segments["feedback"].values()
                 for c in s.chunks.get("feedback_by_request", [])
             ]
             self._asked = np.unique(np.concatenate(chunks)) if chunks else np.zeros(0, np.int64)
             touched = self._asked
         else:
+            asked_new = [_keys(t) for t in new]
             asked = np.unique(np.concatenate(asked_new)) if asked_new else np.zeros(0, np.int64)
             fresh = asked[~_members(asked, self._asked)]
             if fresh.size:
                 self._asked = np.sort(np.concatenate([self._asked, fresh]), kind="stable")
-            exposed = [_tails(t) for t in self._new["exposures"]]
+            exposed = [_keys(t) for t in self._new["exposures"]]
             again = np.concatenate(exposed) if exposed else np.zeros(0, np.int64)
             touched = np.union1d(asked, again[_members(again, self._asked)])
         if not touched.size:
@@ -522,20 +522,18 @@ class LiveEngine:
         needs, places = [], []
         for segment in self._segments["feedback"].values():
             for at, chunk in enumerate(segment.chunks.get("feedback_by_request", [])):
+                ids = chunk.select(["experiment", "rid_key"])
                 if self._reset or id(chunk) in fresh_ids:
-                    rows = np.arange(chunk.num_rows, dtype=np.uint32)
+                    rows = np.arange(chunk.num_rows, dtype=np.uint32)  # every value, in place
                 else:
-                    rows = np.flatnonzero(_members(_tails(chunk), touched)).astype(np.uint32)
+                    rows = np.flatnonzero(_members(_keys(chunk), touched)).astype(np.uint32)
+                    ids = ids.take(rows)
                 if rows.size:
                     places.append((segment, at))
+                    place = np.full(rows.size, len(places) - 1, np.uint32)
                     needs.append(
-                        pa.table(
-                            {
-                                "experiment": chunk.column("experiment").take(rows),
-                                "rid_key": chunk.column("rid_key").take(rows),
-                                "place": np.full(rows.size, len(places) - 1, np.uint32),
-                                "row": rows,
-                            }
+                        ids.append_column("place", pa.array(place)).append_column(
+                            "row", pa.array(rows)
                         )
                     )
         self._reset = False
@@ -555,10 +553,12 @@ class LiveEngine:
             segment.attributions[at] = _Attribution(unit, state)
 
     def _assemble(self) -> dict[str, pa.Table]:
-        """The tables over every segment's chunks, in file name order (no copy: the
-        tables share the chunks' buffers)."""
+        """The tables over every segment's chunks but feedback_by_request, in file name
+        order (no copy: the tables share the chunks' buffers)."""
         out = {}
         for table, schema in self._schemas.items():
+            if table == "feedback_by_request":
+                continue  # with its resolution beside it once resolved: _attributed()
             prefix = "exposure" if table.startswith("exposure") else "feedback"
             chunks = [c for s in self._segments[prefix].values() for c in s.chunks.get(table, [])]
             out[table] = pa.concat_tables(chunks) if chunks else schema.empty_table()

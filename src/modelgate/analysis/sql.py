@@ -78,11 +78,9 @@ _ATTRIBUTED_PARTIAL = """SELECT metric, CASE WHEN state = 1 THEN unit_hash END A
 _AMBIGUOUS_PARTIAL = """SELECT 'ambiguous', NULL, metric, NULL, 0, NULL, NULL, NULL, NULL, NULL,
   NULL, count(*)
 FROM feedback_by_request WHERE experiment = {experiment} AND state = 2 GROUP BY metric"""
-_RAW = {"exposure_count": "count(*)", "low": "variant", "high": "variant", "n": ""}
+_RAW = {"exposure_count": "count(*)", "n": ""}
 _PARTIAL = {
     "exposure_count": "sum(exposures)",
-    "low": "variant",
-    "high": "variant",
     "n": ", n",
 }
 
@@ -100,7 +98,7 @@ REQUEST_UNITS = """SELECT {ids}, min(unit_hash) AS unit_hash,
 
 _HEAD = """WITH units AS (  -- enrolled units; a unit's variant is its first enrolled exposure's
   SELECT unit_hash, arg_min(variant, ts_ns) AS variant, {exposure_count} AS exposures,
-    CASE WHEN min({low}) <> max({high}) THEN 1 ELSE 0 END AS switched
+    CASE WHEN min(variant) <> max(variant) THEN 1 ELSE 0 END AS switched
   FROM {exposed} AS e GROUP BY unit_hash
 ),
 {request_units}attributed AS (

@@ -119,6 +119,10 @@ class ArmQuantiles:
         }
         return cls(int(data.size), estimates, sample)
 
+    def at(self, q: float) -> QuantileEstimate | str:
+        """The estimate at level q, or why there is none (also: a level not asked for)."""
+        return self.estimates.get(q, f"the p{q * 100:g} latency was not read")
+
 
 @dataclass(frozen=True)
 class SystemUnits:
@@ -216,11 +220,8 @@ def _unit_codes(units: npt.NDArray[Any], dense: bool) -> npt.NDArray[Any]:
     """Each request's unit as a small non-negative integer, so that the quantiles'
     clustering needs no sort of 10^7 ids per call. `dense`: the units are the live engine's
     codes already; else hashes, coded 0..k-1 by a hash table (Arrow's dictionary encoding;
-    a binary search per request took 1.5 s for 10^7) in the order of the hashes."""
+    a binary search per request took 1.5 s for 10^7)."""
     if dense:
         return units
     encoded = pa.array(units.astype(np.int64, copy=False)).dictionary_encode()
-    order = np.argsort(encoded.dictionary.to_numpy())
-    rank = np.empty(order.size, np.int64)
-    rank[order] = np.arange(order.size)
-    return np.asarray(rank[encoded.indices.to_numpy()], dtype=np.int64)
+    return np.asarray(encoded.indices.to_numpy(), dtype=np.int64)

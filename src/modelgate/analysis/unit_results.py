@@ -190,7 +190,7 @@ def guardrails(
                 estimates[variant, q] = "no measured request"
                 out["latency_ms"][key] = None
                 continue
-            estimate = per_request.estimates.get(q, f"the p{q * 100:g} latency was not read")
+            estimate = per_request.at(q)
             if isinstance(estimate, str):
                 estimates[variant, q] = estimate
                 out["latency_ms"][key] = per_request.sample.get(q)

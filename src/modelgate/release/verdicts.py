@@ -206,8 +206,7 @@ def _quantile_check(
     cand = evidence.system.quantiles.get(spec.candidate)
     if q is None or base is None or cand is None or not base.requests or not cand.requests:
         return _wait(check, "no latency measured yet")
-    missing = f"the p{q * 100:g} latency was not read"
-    baseline, own = base.estimates.get(q, missing), cand.estimates.get(q, missing)
+    baseline, own = base.at(q), cand.at(q)
     if isinstance(baseline, str) or isinstance(own, str):  # too few requests or units
         return _wait(check, baseline if isinstance(baseline, str) else str(own))
     test = quantile_difference(baseline, own, level, sequential=True, tuning=spec.sequential_tuning)
